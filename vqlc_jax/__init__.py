@@ -1,0 +1,1 @@
+"""vqlc_jax: large-codebook image tokenizers (VQGAN-LC and its baselines) in JAX/Flax."""
