@@ -18,3 +18,42 @@ def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
         raise FileNotFoundError(f"parity fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def official_tiny(fixtures_dir) -> dict:
+    """The official `tiny_linear` fixture: `state_dict` (official keys, VGG16 trunk rebuilt as its README says),
+    `ddconfig`, the reference arrays (images NHWC) and the `.pth` path."""
+    import json
+
+    import numpy as np
+
+    root = fixtures_dir / "official_vqgan_lc"
+    meta = json.loads((root / "tiny_linear.json").read_text())
+    with np.load(root / "tiny_linear.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    state_dict = {k.removeprefix("state_dict/"): v for k, v in arrays.items() if k.startswith("state_dict/")}
+    trunk = meta["vgg_trunk"]
+    vgg = {}
+    for i, (name, shape) in enumerate(trunk["params"]):
+        scale = 0.05 if name.endswith(".weight") else 0.01
+        vgg[f"perceptual_loss.net.{name}"] = (
+            np.random.default_rng(trunk["seed"] + i).standard_normal(shape, dtype=np.float32) * scale)
+    nhwc = {k: arrays[k].transpose(0, 2, 3, 1) for k in ("input", "reconstruction", "encoded", "disc_logits")}
+    return {
+        "meta": meta,
+        "ddconfig": meta["ddconfig"],
+        "pth": root / "tiny_linear.pth",
+        "state_dict": state_dict,
+        "vgg_trunk": vgg,
+        **{k: v for k, v in arrays.items() if not k.startswith("state_dict/")},
+        **nhwc,
+    }
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want|: the fixtures' tolerance measure."""
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())

@@ -1,0 +1,84 @@
+"""The VQGAN autoencoder: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (NHWC).
+
+`build_vqgan(model_config)` makes one from a config with the official `ddconfig` keys, `embed_dim` (D') and a
+`quantizer` block whose `name` picks the quantizer from the registry (`lc`, `vq`, `fc`, `ema`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+
+from vqlc_jax.models.autoencoder import Decoder, Encoder
+from vqlc_jax.quantizers import make_quantizer
+
+# Official taming `ddconfig` keys and which module takes them.
+DDCONFIG_KEYS = ("double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                 "num_res_blocks", "attn_resolutions", "dropout")
+
+
+class VQModel(nn.Module):
+    """Images in [-1, 1] -> (reconstructions, token indices [B, h, w], aux with `quant_loss`)."""
+
+    encoder: Encoder
+    decoder: Decoder
+    quantizer: nn.Module
+    embed_dim: int
+
+    def setup(self):
+        self.quant_conv = nn.Conv(self.embed_dim, (1, 1))
+        self.post_quant_conv = nn.Conv(self.decoder.z_channels, (1, 1))
+
+    def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Pre-quantization latents [B, h, w, D']."""
+        return self.quant_conv(self.encoder(images, train))
+
+    def decode(self, zq: jax.Array, train: bool = False) -> jax.Array:
+        """Quantized latents [B, h, w, D'] -> images."""
+        return self.decoder(self.post_quant_conv(zq), train)
+
+    def tokenize(self, images: jax.Array) -> jax.Array:
+        """Images -> int32 token indices [B, h, w] (evaluation mode)."""
+        return self.quantizer(self.encode(images))[1]
+
+    def decode_indices(self, indices: jax.Array) -> jax.Array:
+        """Token indices [B, h, w] -> images."""
+        return self.decode(self.quantizer.embed(indices))
+
+    def __call__(self, images: jax.Array, train: bool = False):
+        z = self.encode(images, train)
+        zq, indices, aux = self.quantizer(z, train=train)
+        return self.decode(zq, train), indices, {**aux, "z": z}
+
+
+def _split_ddconfig(ddconfig: Mapping[str, Any]) -> tuple[dict, dict]:
+    unknown = sorted(set(ddconfig) - set(DDCONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"ddconfig: unknown keys {unknown}; expected a subset of {list(DDCONFIG_KEYS)}")
+
+    def pick(cls) -> dict:
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = {k: v for k, v in ddconfig.items() if k in names}
+        for k in ("ch_mult", "attn_resolutions"):
+            if k in out:
+                out[k] = tuple(out[k])
+        return out
+
+    return pick(Encoder), pick(Decoder)
+
+
+def build_vqgan(model_config: Mapping[str, Any]) -> VQModel:
+    """A VQModel from `{'ddconfig': {...}, 'embed_dim': D', 'quantizer': {'name': ..., **options}}`."""
+    for key in ("ddconfig", "embed_dim", "quantizer"):
+        if key not in model_config:
+            raise ValueError(f"model config: missing key {key!r}")
+    enc_kwargs, dec_kwargs = _split_ddconfig(dict(model_config["ddconfig"]))
+    options = dict(model_config["quantizer"])
+    name = options.pop("name", None)
+    if name is None:
+        raise ValueError("model config: quantizer.name is missing (one of the registered quantizers)")
+    quantizer = make_quantizer(name, embed_dim=int(model_config["embed_dim"]), **options)
+    return VQModel(Encoder(**enc_kwargs), Decoder(**dec_kwargs), quantizer, int(model_config["embed_dim"]))
