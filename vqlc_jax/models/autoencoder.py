@@ -137,7 +137,11 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents [B, h, w, z_channels] -> images [B, h*f, w*f, out_ch]."""
+    """Latents [B, h, w, z_channels] -> images [B, h*f, w*f, out_ch].
+
+    `features` stops before the last conv (`conv_out`) and `head` applies it: the trainer needs both halves to take
+    the adaptive GAN weight's gradients at the last layer without a second backward pass.
+    """
 
     ch: int = 128
     ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -148,14 +152,27 @@ class Decoder(nn.Module):
     out_ch: int = 3
     dropout: float = 0.0
 
-    @nn.compact
+    def setup(self):
+        self.conv_in = conv3x3(self.ch * self.ch_mult[-1], "conv_in")
+        self.mid = MidBlock(self.ch * self.ch_mult[-1], self.dropout)
+        self.up = [
+            Level(self.ch * mult, self.num_res_blocks + 1, (self.resolution >> i) in self.attn_resolutions,
+                  self.dropout, resample="up" if i != 0 else None)
+            for i, mult in enumerate(self.ch_mult)
+        ]
+        self.norm_out = Normalize()
+        self.conv_out = conv3x3(self.out_ch, "conv_out")
+
+    def features(self, z: jax.Array, train: bool = False) -> jax.Array:
+        """Everything but the last conv: [B, H, W, ch * ch_mult[0]] after the final norm and swish."""
+        h = self.mid(self.conv_in(z), train)
+        for level in reversed(self.up):
+            h = level(h, train)
+        return nn.swish(self.norm_out(h))
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """The last conv, `conv_out`."""
+        return self.conv_out(h)
+
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
-        h = conv3x3(self.ch * self.ch_mult[-1], "conv_in")(z)
-        h = MidBlock(h.shape[-1], self.dropout, name="mid")(h, train)
-        res = self.resolution // 2 ** (len(self.ch_mult) - 1)
-        for i in reversed(range(len(self.ch_mult))):
-            h = Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-                      self.dropout, resample="up" if i != 0 else None, name=f"up_{i}")(h, train)
-            res = res * 2 if i != 0 else res
-        h = nn.swish(Normalize("norm_out")(h))
-        return conv3x3(self.out_ch, "conv_out")(h)
+        return self.head(self.features(z, train))

@@ -48,10 +48,19 @@ class VQModel(nn.Module):
         """Token indices [B, h, w] -> images."""
         return self.decode(self.quantizer.embed(indices))
 
-    def __call__(self, images: jax.Array, train: bool = False):
+    def features(self, images: jax.Array, train: bool = False):
+        """Everything up to the decoder's last conv: (h, indices, aux); `head(h)` gives the reconstruction."""
         z = self.encode(images, train)
         zq, indices, aux = self.quantizer(z, train=train)
-        return self.decode(zq, train), indices, {**aux, "z": z}
+        return self.decoder.features(self.post_quant_conv(zq), train), indices, {**aux, "z": z}
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """The decoder's last conv: features -> images."""
+        return self.decoder.head(h)
+
+    def __call__(self, images: jax.Array, train: bool = False):
+        h, indices, aux = self.features(images, train)
+        return self.head(h), indices, aux
 
 
 def _split_ddconfig(ddconfig: Mapping[str, Any]) -> tuple[dict, dict]:

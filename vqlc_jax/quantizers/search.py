@@ -1,13 +1,14 @@
 """Nearest-code search by squared L2, chunked over the codebook so that large codebooks fit in memory.
 
-Bitwise chunk invariance. A distance is sum_k (z_k - e_k)^2, added strictly left to right in element-wise ops, the
-same squared L2 as the release's |z|^2 + |e|^2 - 2 z.e (and free of its cancellation). Measured on XLA:CPU, the
-release's expansion is not chunk-invariant: dots round differently per operand shape, and XLA contracts the
-multiply-adds of |z|^2, |e|^2 and z.e into FMAs or not depending on the fusion each lands in. Here every op of a
-distance lives in the fused (min, argmin) reduction of a loop over chunks whatever the chunking (one chunk
-included), so chunked and unchunked searches agree bitwise (tested, also with z and codebook computed in the same
-jit). Element-wise f32 also means no TF32/bf16 passes on any backend, and the [T, C] distances of a chunk are
-never written to memory. The feature axis is unrolled, which suits the small latent dims of these models (D' = 8).
+A distance is sum_k (z_k - e_k)^2 added strictly left to right in element-wise f32 ops: the same squared L2 as the
+release's |z|^2 + |e|^2 - 2 z.e, without its cancellation, and bitwise independent of the chunking. The expansion is
+not (measured on XLA:CPU): dots round differently per operand shape, and XLA contracts the multiply-adds of |z|^2,
+|e|^2 and z.e into FMAs or not depending on the fusion each lands in, whereas here every op of a distance sits in the
+chunk's fused (min, argmin) reduction whatever the chunking. So chunked and unchunked searches of the same arrays
+agree bitwise (tested); inside a larger jit, XLA may still fuse the computation of z or of the codebook (e.g. an
+l2-normalisation) into a one-chunk search and round those inputs differently. Element-wise f32 also means no
+TF32/bf16 passes on any backend, and a chunk's [T, C] distances are never written to memory. The feature axis is
+unrolled, which suits the small latent dims of these models (D' = 8).
 """
 
 from __future__ import annotations
@@ -71,8 +72,6 @@ def nearest_codes(z: Array, codebook: Array, *, chunk_size: int | None = DEFAULT
     num_codes, dim = codebook.shape
     chunk_size = num_codes if chunk_size is None else min(chunk_size, num_codes)
     num_chunks = -(-num_codes // chunk_size)
-    # Always a loop, even over one chunk: loop operands are materialised, so XLA cannot fuse the callers' producers
-    # of z or codebook into the distances (and round them differently) in one chunking and not in another.
     chunks = jnp.pad(codebook, ((0, num_chunks * chunk_size - num_codes), (0, 0)))
     chunks = chunks.reshape(num_chunks, chunk_size, dim)
     starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size

@@ -1,0 +1,32 @@
+"""Train a tokenizer from an ml_collections config file.
+
+    python -m vqlc_jax.main --config configs/demo.py --workdir /tmp/vqlc_demo [--config.total_steps=100]
+
+Multi-host: JAX detects TPU pods and SLURM; otherwise pass --coordinator_address, --num_processes, --process_id.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vqlc_jax import parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the exported tokenizer.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from vqlc_jax.train.trainer import train_and_evaluate
+
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("Finished: %s", result)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Trainers (one flat loop per model family)."""
