@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
     c.eval_every_steps = 300
     c.data.name = "bundled"
     c.data.resolution = 32
+    c.data.options = {"resolution": 32}
     c.model.ddconfig.update(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                             z_channels=32)
     c.model.quantizer.update(num_codes=1024, codebook_dim=48, chunk_size=1024)

@@ -1,7 +1,6 @@
 """LPIPS: parity with the official lpips/VQGAN-LC module, weight converters and the .npz round trip."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import relative_error

@@ -81,10 +81,9 @@ def test_straight_through_gradient_is_identity(name, kwargs):
 
 def test_chunk_size_does_not_change_the_tokens():
     z = _latents(batch=4)
-    results = []
-    for chunk_size in (None, 7, 40):
-        q = LCQuantizer(num_codes=N, embed_dim=D, codebook_dim=DC, chunk_size=chunk_size)
-        results.append(q.apply(q.init(KEY, z), z))
+    variables = LCQuantizer(num_codes=N, embed_dim=D, codebook_dim=DC).init(KEY, z)
+    results = [LCQuantizer(num_codes=N, embed_dim=D, codebook_dim=DC, chunk_size=chunk_size).apply(variables, z)
+               for chunk_size in (None, 7, 40)]
     for zq, idx, aux in results[1:]:
         np.testing.assert_array_equal(idx, results[0][1])
         np.testing.assert_array_equal(aux["squared_distances"], results[0][2]["squared_distances"])
@@ -104,9 +103,10 @@ def test_lc_codebook_is_frozen_outside_params():
     assert set(variables) == {"params", "codebook"}
     assert variables["codebook"]["embedding"].shape == (N, DC)
     assert set(variables["params"]) == {"codebook_projection"}
+    codebook_before = np.array(variables["codebook"]["embedding"])
     z = _latents()
 
-    def loss_fn(params):
+    def loss_fn(params):  # a training step differentiates `params` only; the codebook is an input
         zq, _, aux = q.apply({"params": params, "codebook": variables["codebook"]}, z)
         return aux["quant_loss"] + jnp.mean(zq ** 2)
 
@@ -115,8 +115,9 @@ def test_lc_codebook_is_frozen_outside_params():
     updates, _ = optimizer.update(jax.grad(loss_fn)(params), optimizer.init(params), params)
     new_params = optax.apply_updates(params, updates)
     assert not np.allclose(new_params["codebook_projection"]["kernel"], params["codebook_projection"]["kernel"])
-    codebook_before = np.array(variables["codebook"]["embedding"])
-    zq, idx, _ = q.apply({"params": new_params, "codebook": variables["codebook"]}, z)
+    # Nor does a forward pass write to it, even with every collection mutable.
+    _, state = q.apply({"params": new_params, "codebook": variables["codebook"]}, z, train=True, mutable=True)
+    np.testing.assert_array_equal(state["codebook"]["embedding"], codebook_before)
     np.testing.assert_array_equal(variables["codebook"]["embedding"], codebook_before)
 
 
@@ -270,8 +271,8 @@ def test_counts_utilization_perplexity():
     assert float(perplexity(jnp.zeros(4, jnp.int32))) == 1.0
 
 
-def _sharded(x: jax.Array, spec: PartitionSpec) -> jax.Array:
-    return jax.device_put(x, NamedSharding(jax.make_mesh((8,), ("data",)), spec))
+def _sharded(x: jax.Array, spec: PartitionSpec, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    return jax.device_put(x, NamedSharding(mesh or jax.make_mesh((8,), ("data",)), spec))
 
 
 def test_counts_of_a_sharded_batch_are_global():
@@ -289,12 +290,33 @@ def test_ema_update_of_a_sharded_batch_matches_unsharded():
     (_, idx, _), unsharded = step(variables, z)
     (_, idx_s, _), sharded = step(_sharded(variables, PartitionSpec()), _sharded(z, PartitionSpec("data")))
     np.testing.assert_array_equal(idx_s, idx)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), sharded, unsharded)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), sharded, unsharded)
     # the pure update on explicitly sharded inputs agrees as well
     flat = _sharded(z.reshape(-1, D), PartitionSpec("data"))
     direct = jax.jit(lambda s, x, i: ema_update(s, x, i, decay=0.99, eps=1e-5))(
         variables["ema_state"], flat, _sharded(idx.reshape(-1), PartitionSpec("data")))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), direct, unsharded["ema_state"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), direct, unsharded["ema_state"])
+
+
+def test_lc_with_codebook_split_over_model_axis():
+    """The trainer's layout: explicit (data, model) mesh, batch over data, frozen codebook rows over model."""
+    q, variables = _quantizer("lc", codebook_dim=DC)
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    z = _latents(batch=8, seed=6)
+
+    def step(v, x):
+        out = q.apply(v, x)
+        grads = jax.grad(lambda p: q.apply({**v, "params": p}, x)[2]["quant_loss"])(v["params"])
+        return out, grads, code_counts(out[1], N)
+
+    sharded_vars = {"params": _sharded(variables["params"], PartitionSpec(), mesh),
+                    "codebook": _sharded(variables["codebook"], PartitionSpec("model", None), mesh)}
+    with jax.set_mesh(mesh):
+        got = jax.jit(step)(sharded_vars, _sharded(z, PartitionSpec("data"), mesh))
+    want = jax.jit(step)(variables, z)
+    assert got[0][1].sharding.spec[0] == "data"
+    np.testing.assert_array_equal(got[0][1], want[0][1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
 
 
 # ------------------------------------------------------------------------------------ registry and loading
@@ -339,3 +361,20 @@ def test_load_codebook_pth(tmp_path, monkeypatch):
         assert loaded.dtype == np.float32 and loaded.shape == (5, 3)
     with pytest.raises(ValueError, match=r"bad\.pth: no 'tok_embeddings.weight'"):
         load_codebook(tmp_path / "bad.pth")
+
+
+def test_lc_matches_the_official_release(fixtures_dir):
+    """Codebook and projector from an official-layout checkpoint: same projected codebook, tokens and loss as torch."""
+    fixture = np.load(fixtures_dir / "official_vqgan_lc" / "tiny_linear.npz")
+    codebook = load_codebook(fixtures_dir / "official_vqgan_lc" / "tiny_linear.pth", expected_dim=32)
+    np.testing.assert_array_equal(codebook, fixture["state_dict/tok_embeddings.weight"])
+    q = LCQuantizer(num_codes=codebook.shape[0], embed_dim=8, codebook_dim=32, chunk_size=100)
+    z = jnp.asarray(fixture["encoded"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    template = jax.eval_shape(q.init, KEY, z)
+    projector = {k: fixture[f"state_dict/{k}"] for k in ("codebook_projection.weight", "codebook_projection.bias")}
+    variables = {**map_state_dict(projector, {"params": template["params"]}), "codebook": {"embedding": codebook}}
+    zq, idx, aux = q.apply(variables, z)
+    np.testing.assert_allclose(q.apply(variables, method="codebook_vectors"), fixture["projected_codebook"],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(idx).reshape(idx.shape[0], -1), fixture["indices"])
+    np.testing.assert_allclose(aux["quant_loss"], fixture["quant_loss"], rtol=1e-4)

@@ -19,8 +19,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (ma
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+    """absl log filter: drops INFO chatter from orbax (one line per file written)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from vqlc_jax.train.trainer import train_and_evaluate
 

@@ -35,7 +35,9 @@ def make_mesh(model_axis: int = 1, devices: Sequence[jax.Device] | None = None) 
     devices = list(devices or jax.devices())
     if model_axis < 1 or len(devices) % model_axis:
         raise ValueError(f"mesh.model_axis={model_axis} must be a positive divisor of the {len(devices)} devices")
-    return jax.make_mesh((len(devices) // model_axis, model_axis), (DATA, MODEL), devices=devices)
+    # Auto axes: the compiler propagates shardings from the inputs (GSPMD), so model code needs no annotations.
+    return jax.make_mesh((len(devices) // model_axis, model_axis), (DATA, MODEL), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -75,8 +77,14 @@ def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    """Rows each process reads; the global batch must split evenly over processes and data-parallel devices."""
-    if global_batch_size % jax.device_count():
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {jax.device_count()} devices")
-    return global_batch_size // jax.process_count()
+def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split evenly over the data-parallel devices."""
+    if global_batch_size % mesh.shape[DATA]:
+        raise ValueError(f"config.global_batch_size={global_batch_size} is not divisible by the "
+                         f"{mesh.shape[DATA]} data-parallel devices")
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (the inverse of `global_batch`)."""
+    shards = {s.index[0].start or 0: np.asarray(s.data) for s in array.addressable_shards}
+    return np.concatenate([shards[k] for k in sorted(shards)], axis=0)

@@ -14,8 +14,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from vqlc_jax.convert.npz_variables import load_variables, save_variables
 from vqlc_jax.convert.torch_layout import CheckpointMismatchError, map_state_dict, strip_prefix
 from vqlc_jax.models.lpips import LPIPS, SCALE, SHIFT, VGG16_SLICES
 
@@ -89,13 +89,9 @@ def lpips_from_torchvision_files(vgg_path: str | os.PathLike, heads_path: str | 
 
 def save_lpips_variables(variables: Mapping, path: str | os.PathLike) -> None:
     """Writes LPIPS variables to one `.npz` with flat '/'-joined keys (`params/net/slice1_0/kernel`, ...)."""
-    flat = traverse_util.flatten_dict(dict(variables), sep="/")
-    with open(path, "wb") as f:  # a file object keeps np.savez from appending `.npz`
-        np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+    save_variables(variables, path)
 
 
 def load_lpips_variables(path: str | os.PathLike) -> dict:
     """Reads `save_lpips_variables` output, checked against the LPIPS template (errors name the file and keys)."""
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
-    return map_state_dict(arrays, lpips_template(), key_to_path=lambda k: tuple(k.split("/")), source=str(path))
+    return load_variables(path, lpips_template())

@@ -1,55 +1,40 @@
-"""The embedded demo dataset: square crops of the RGB photos shipped with scikit-image and scikit-learn.
+"""The embedded demo dataset: square crops of the RGB photos shipped inside the scikit-image and scikit-learn wheels.
 
-No download. Each photo is cut along its longer axis: the first `1 - val_fraction` is the train region, the rest the
-validation region, so no train crop shares a pixel with a validation crop. In each region, for each scale, square
-crops of side `scale * (region's smaller side)` lie on a centred grid with step `stride * side`; every crop is
-resized (PIL bicubic, antialiased) to `resolution`. Label = the photo's index in `PHOTOS`. Built once per
-configuration and cached in memory.
+No download, no import of either library (the files are read with PIL; pixels equal `skimage.data.<name>()` and
+`sklearn.datasets.load_sample_image`). Each photo is cut along its longer axis: the first `1 - val_fraction` is the
+train region, the rest the validation region, so no train crop shares a pixel with a validation crop. Crop sides
+are `scale * (the photo's smaller side)`, the same zoom levels in both splits; in each region the sides that fit
+tile it on a centred grid with step `stride * side` (the validation band is narrow, so it holds only the smaller
+scales). Every crop is resized (PIL bicubic, antialiased) to `resolution`. Label = the photo's index in `PHOTOS`.
+Built once per configuration and cached in memory.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import importlib.util
+import pathlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from vqlc_jax.data.sources import Record
-from vqlc_jax.data.transforms import resize_box
+from vqlc_jax.data.transforms import decode_image, resize_box
 
-
-def _skimage(name: str) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        from skimage import data
-
-        image = getattr(data, name)()
-        return image[0] if name == "stereo_motorcycle" else image  # (left, right, disparity): the left view
-
-    return load
-
-
-def _sklearn(name: str) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        from sklearn.datasets import load_sample_image
-
-        return load_sample_image(f"{name}.jpg")
-
-    return load
-
-
-# The natural RGB photos that load offline (files shipped inside the wheels; no pooch download).
-_LOADERS: dict[str, Callable[[], np.ndarray]] = {
-    "astronaut": _skimage("astronaut"),
-    "chelsea": _skimage("chelsea"),
-    "coffee": _skimage("coffee"),
-    "rocket": _skimage("rocket"),
-    "motorcycle": _skimage("stereo_motorcycle"),
-    "hubble_deep_field": _skimage("hubble_deep_field"),
-    "china": _sklearn("china"),
-    "flower": _sklearn("flower"),
+# The natural RGB photos that ship inside the installed wheels (no pooch download): name -> (package, file).
+_FILES: dict[str, tuple[str, str]] = {
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "coffee": ("skimage", "data/coffee.png"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "motorcycle": ("skimage", "data/motorcycle_left.png"),  # skimage.data.stereo_motorcycle()[0]
+    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg"),
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
 }
-PHOTOS: tuple[str, ...] = tuple(_LOADERS)
+PHOTOS: tuple[str, ...] = tuple(_FILES)
 SPLITS = ("train", "validation")
 
 
@@ -69,9 +54,13 @@ class Crop(NamedTuple):
 @functools.cache
 def load_photo(name: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB photo `name` (one of `PHOTOS`)."""
-    if name not in _LOADERS:
+    if name not in _FILES:
         raise KeyError(f"unknown bundled photo {name!r}; expected one of {PHOTOS}")
-    return np.ascontiguousarray(_LOADERS[name]()[..., :3])
+    package, relative = _FILES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"bundled photo {name!r} needs the package {package!r} installed")
+    return decode_image((pathlib.Path(spec.submodule_search_locations[0]) / relative).read_bytes())
 
 
 def _grid(start: int, extent: int, size: int, step: int) -> range:
@@ -88,13 +77,15 @@ def crop_layout(photo: int, height: int, width: int, split: str, scales: Sequenc
     length = height if vertical else width
     cut = round(length * (1 - val_fraction))
     start, extent = (0, cut) if split == "train" else (cut, length - cut)
-    region_h, region_w = (extent, width) if vertical else (height, extent)
     crops = []
     for scale in scales:
-        size = max(1, round(scale * min(region_h, region_w)))
+        size = max(1, round(scale * min(height, width)))
+        if size > extent:
+            continue
         step = max(1, round(stride * size))
-        rows = _grid(start, extent, size, step) if vertical else _grid(0, height, size, step)
-        cols = _grid(0, width, size, step) if vertical else _grid(start, extent, size, step)
+        across = _grid(0, width if vertical else height, size, step)
+        along = _grid(start, extent, size, step)
+        rows, cols = (along, across) if vertical else (across, along)
         crops += [Crop(photo, top, left, size) for top in rows for left in cols]
     return crops
 
@@ -107,7 +98,10 @@ def _build(split: str, resolution: int, scales: tuple[float, ...], stride: float
         image = load_photo(name)
         layout = crop_layout(photo, *image.shape[:2], split, scales, stride, val_fraction)
         crops += layout
-        images += [resize_box(image, (c.left, c.top, c.left + c.size, c.top + c.size), resolution) for c in layout]
+        pil = Image.fromarray(image)
+        images += [resize_box(pil, (c.left, c.top, c.left + c.size, c.top + c.size), resolution) for c in layout]
+    if not crops:
+        raise ValueError(f"no bundled {split} crop fits: scales={scales} too large for val_fraction={val_fraction}")
     stacked = np.stack(images)
     stacked.flags.writeable = False  # shared by every source built with this configuration
     return stacked, crops
@@ -118,7 +112,7 @@ class BundledSource:
 
     num_classes = len(PHOTOS)
 
-    def __init__(self, split: str, resolution: int = 64, scales: Sequence[float] = (1.0, 0.7, 0.5, 0.35, 0.25),
+    def __init__(self, split: str, resolution: int = 64, scales: Sequence[float] = (0.75, 0.5, 0.35, 0.25, 0.18),
                  stride: float = 0.5, val_fraction: float = 0.25):
         if split not in SPLITS:
             raise ValueError(f"bundled split {split!r} not in {SPLITS}")

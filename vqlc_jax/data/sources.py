@@ -25,3 +25,20 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Record: ...
+
+
+class Subset:
+    """The first `n` records of a source (evaluation on part of a split)."""
+
+    def __init__(self, source: Source, n: int):
+        if n < 1:
+            raise ValueError(f"Subset: n must be positive, got {n}")
+        self.source, self.n, self.num_classes = source, min(n, len(source)), source.num_classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Record:
+        if not 0 <= index < self.n:
+            raise IndexError(f"Subset: index {index} outside [0, {self.n})")
+        return self.source[index]

@@ -44,9 +44,9 @@ def crop_offset(height: int, width: int, size: int, rng: np.random.Generator | N
     return int(rng.integers(spare_h + 1)), int(rng.integers(spare_w + 1)), scale
 
 
-def resize_box(image: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+def resize_box(image: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
     """uint8 [size, size, 3]: the (left, top, right, bottom) box of `image` resampled bicubically."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
+    return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
 
 
 def resize_crop(image: np.ndarray, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -54,7 +54,7 @@ def resize_crop(image: np.ndarray, size: int, rng: np.random.Generator | None = 
     height, width = image.shape[:2]
     top, left, scale = crop_offset(height, width, size, rng)
     box = (left / scale, top / scale, min((left + size) / scale, width), min((top + size) / scale, height))
-    return resize_box(image, box, size)
+    return resize_box(Image.fromarray(image), box, size)
 
 
 def to_float(image: np.ndarray) -> np.ndarray:

@@ -142,7 +142,8 @@ class InceptionV3(nn.Module):
     """Images [B, H, W, 3] in [0, 1] -> pool3 features [B, 2048] (pytorch-fid's 2048-d FID features).
 
     As pytorch-fid: bilinear resize to 299x299 (`resize_input`; turn off to feed images already resized another
-    way, e.g. clean-fid's), then x -> 2x - 1. Any input size >= 75 works without the resize.
+    way, e.g. clean-fid's), then x -> 2x - 1. Any input size >= 75 works without the resize. On GPU / TPU, apply
+    under `jax.default_matmul_precision("highest")` for float32 convolutions (TF32 / bfloat16 passes otherwise).
     """
 
     resize_input: bool = True

@@ -33,7 +33,7 @@ class Quantizer(nn.Module):
     """Base of all quantizers: `zq, indices, aux = quantizer(z, train=False)`.
 
     z [..., embed_dim] (NHWC latents after quant_conv) -> zq like z (straight-through: forward value is the code,
-    gradient to z is the identity), indices int32 z.shape[:-1], aux {'quant_loss': scalar,
+    gradient to z is the identity, in the search space), indices int32 z.shape[:-1], aux {'quant_loss': scalar,
     'squared_distances': z.shape[:-1]}. `embed(indices)` decodes tokens to [..., embed_dim] and
     `codebook_vectors()` gives the effective codebook [num_codes, embed_dim].
 

@@ -2,11 +2,12 @@
 
 As the release: decay 0.99, eps 1e-5, Laplace smoothing of the cluster sizes, commitment-only loss
 alpha * mean((sg(zq) - z)^2) (beta defaults to 0; the codebook gets no gradient either way), codebook init
-U(-1/N, 1/N), `embed_sum` starting as a copy of it and `cluster_size` at zero. zq uses the codebook from before the
+U(-1/N, 1/N), `embed_sum` starting as a copy of it and `cluster_size` at zero; zq comes from the codebook before the
 update. The state (`cluster_size` [N], `embed_sum` [N, D'], `embedding` [N, D']) lives in the collection
 `'ema_state'` and is updated only when train=True and that collection is mutable (the release also updated it in
-evaluation). Per-code sums use segment_sum; under a global-view jit with the batch sharded across devices they are
-sums over all devices, so every replica holds the same codebook (the release did not all-reduce, and ranks drifted).
+evaluation). Per-code sums are scatter-adds (segment sums, no one-hot); under a global-view jit with the batch
+sharded across devices they sum over all devices, so every replica holds the same codebook (the release did not
+all-reduce, and its ranks drifted apart).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlc_jax.quantizers.base import Quantizer, uniform_init
+from vqlc_jax.quantizers.sharding import gather_rows, scatter_add_rows
 
 Array = jax.Array
 
@@ -29,8 +31,8 @@ def ema_update(state: dict[str, Array], z: Array, indices: Array, *, decay: floa
     """
     num_codes = state["cluster_size"].shape[0]
     z = jax.lax.stop_gradient(z).astype(jnp.float32)
-    counts = jax.ops.segment_sum(jnp.ones_like(indices, jnp.float32), indices, num_segments=num_codes)
-    sums = jax.ops.segment_sum(z, indices, num_segments=num_codes)
+    counts = scatter_add_rows(num_codes, indices, jnp.ones_like(indices, jnp.float32))
+    sums = scatter_add_rows(num_codes, indices, z)
     cluster_size = decay * state["cluster_size"] + (1.0 - decay) * counts
     embed_sum = decay * state["embed_sum"] + (1.0 - decay) * sums
     n = jnp.sum(cluster_size)
@@ -56,7 +58,7 @@ class EMAQuantizer(Quantizer):
         return self.embedding.value
 
     def lookup(self, indices: Array) -> Array:
-        return self.embedding.value[indices]
+        return gather_rows(self.embedding.value, indices)
 
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, Array, dict[str, Array]]:
         zq, indices, aux = self.quantize(z)

@@ -2,7 +2,7 @@
 
 Choices made here:
   - Dense `to_code` maps latents [..., embed_dim] to `code_dim` (default 8), then l2-normalised; Dense `from_code`
-    maps the straight-through codes back to embed_dim (both Flax default init).
+    maps the straight-through codes back to embed_dim (both Flax default init, full f32 precision).
   - Codebook param `embedding` [num_codes, code_dim], initialised N(0, 1) (uniform directions on the sphere) and
     l2-normalised whenever used, so only its directions matter.
   - Nearest code by squared L2 between normalised vectors (= cosine similarity); the quantization loss is computed
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlc_jax.quantizers.base import Quantizer
+from vqlc_jax.quantizers.sharding import gather_rows
 
 Array = jax.Array
 
@@ -33,8 +34,8 @@ class FCQuantizer(Quantizer):
 
     def setup(self) -> None:
         self.embedding = self.param("embedding", nn.initializers.normal(stddev=1.0), (self.num_codes, self.code_dim))
-        self.to_code = nn.Dense(self.code_dim)
-        self.from_code = nn.Dense(self.embed_dim)
+        self.to_code = nn.Dense(self.code_dim, precision=jax.lax.Precision.HIGHEST)
+        self.from_code = nn.Dense(self.embed_dim, precision=jax.lax.Precision.HIGHEST)
 
     def to_search_space(self, z: Array) -> Array:
         return l2_normalize(self.to_code(z))
@@ -46,4 +47,4 @@ class FCQuantizer(Quantizer):
         return l2_normalize(self.embedding)
 
     def lookup(self, indices: Array) -> Array:
-        return l2_normalize(self.embedding[indices])
+        return l2_normalize(gather_rows(self.embedding, indices))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlc_jax.quantizers.base import Quantizer, uniform_init
+from vqlc_jax.quantizers.sharding import gather_rows
 
 Array = jax.Array
 
@@ -33,9 +34,11 @@ OFFICIAL_CODEBOOK_KEY = "tok_embeddings.weight"
 
 
 def _torch_dense(features: int, fan_in: int, kernel_init: nn.initializers.Initializer | None = None) -> nn.Dense:
-    """Dense with torch.nn.Linear's default init (kernel and bias U(+-fan_in^-1/2)) unless kernel_init is given."""
+    """Dense in full f32 precision (no TF32/bf16 passes: it defines the searched codebook) with torch.nn.Linear's
+    default init (kernel and bias U(+-fan_in^-1/2)) unless kernel_init is given."""
     bound = fan_in ** -0.5
-    return nn.Dense(features, kernel_init=kernel_init or uniform_init(bound), bias_init=uniform_init(bound))
+    return nn.Dense(features, kernel_init=kernel_init or uniform_init(bound), bias_init=uniform_init(bound),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 class LCQuantizer(Quantizer):
@@ -71,7 +74,7 @@ class LCQuantizer(Quantizer):
         return self.project(self.codebook.value)
 
     def lookup(self, indices: Array) -> Array:
-        return self.project(self.codebook.value[indices])
+        return self.project(gather_rows(self.codebook.value, indices))
 
 
 def load_codebook(path: str | pathlib.Path, *, expected_dim: int | None = None) -> np.ndarray:

@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqlc_jax.quantizers.sharding import iota_like, replicate
+
 Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 16384
@@ -39,12 +41,10 @@ def _min_first(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, A
     return jnp.where(take_a, a[0], b[0]), jnp.where(take_a, a[1], b[1])
 
 
-def _chunk_nearest(z: Array, chunk: Array, valid: Array) -> tuple[Array, Array]:
-    """(index int32 [T], distance [T]) of the nearest code in one chunk [C, D], lowest index on ties; codes where
-    `valid` [C] is False are skipped."""
-    dist = jnp.where(valid[None, :], _squared_l2(z[:, None, :], chunk[None, :, :]), jnp.inf)
-    iota = jax.lax.broadcasted_iota(jnp.int32, dist.shape, 1)
-    best_dist, best_idx = jax.lax.reduce((dist, iota), (jnp.inf, jnp.int32(0)), _min_first, (1,))
+def _chunk_nearest(z: Array, chunk: Array) -> tuple[Array, Array]:
+    """(index int32 [T], distance [T]) of the nearest code in one chunk [C, D], lowest index on ties."""
+    dist = _squared_l2(z[:, None, :], chunk[None, :, :])
+    best_dist, best_idx = jax.lax.reduce((dist, iota_like(dist, 1)), (jnp.inf, jnp.int32(0)), _min_first, (1,))
     return best_idx, best_dist
 
 
@@ -68,22 +68,22 @@ def nearest_codes(z: Array, codebook: Array, *, chunk_size: int | None = DEFAULT
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"nearest_codes: chunk_size must be a positive int or None, got {chunk_size}")
     z = jax.lax.stop_gradient(z).astype(jnp.float32)
-    codebook = jax.lax.stop_gradient(codebook).astype(jnp.float32)
+    codebook = replicate(jax.lax.stop_gradient(codebook).astype(jnp.float32))  # N x D: small next to the search
     num_codes, dim = codebook.shape
     chunk_size = num_codes if chunk_size is None else min(chunk_size, num_codes)
     num_chunks = -(-num_codes // chunk_size)
-    chunks = jnp.pad(codebook, ((0, num_chunks * chunk_size - num_codes), (0, 0)))
+    # Padding codes are +inf: their distances are +inf, never below a running minimum.
+    chunks = jnp.pad(codebook, ((0, num_chunks * chunk_size - num_codes), (0, 0)), constant_values=jnp.inf)
     chunks = chunks.reshape(num_chunks, chunk_size, dim)
     starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
 
     def step(carry: tuple[Array, Array], chunk_inputs: tuple[Array, Array]) -> tuple[tuple[Array, Array], None]:
         best_idx, best_dist = carry
         chunk, start = chunk_inputs
-        # The padding rows of the last chunk get +inf distances.
-        idx, dist = _chunk_nearest(z, chunk, valid=start + jnp.arange(chunk_size) < num_codes)
+        idx, dist = _chunk_nearest(z, chunk)
         better = dist < best_dist  # strict: on a tie the earlier chunk (lower index) keeps it
         return (jnp.where(better, idx + start, best_idx), jnp.where(better, dist, best_dist)), None
 
-    init = (jnp.zeros(z.shape[0], jnp.int32), jnp.full(z.shape[0], jnp.inf, jnp.float32))
+    init = (jnp.zeros_like(z[:, 0], jnp.int32), jnp.full_like(z[:, 0], jnp.inf))  # sharded like z
     (best_idx, best_dist), _ = jax.lax.scan(step, init, (chunks, starts))
     return best_idx, best_dist

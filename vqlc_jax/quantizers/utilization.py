@@ -1,4 +1,4 @@
-"""Codebook usage statistics from per-code counts (bincount, never a one-hot over the codebook).
+"""Codebook usage statistics from per-code counts (a bincount, never a one-hot over the codebook).
 
 Callers accumulate `code_counts` over an epoch or a split and summarise the sum. Under a global-view jit with the
 batch sharded across devices, the counts are already the sum over all devices.
@@ -11,13 +11,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqlc_jax.quantizers.sharding import scatter_add_rows
+
 Array = jax.Array
 
 
 @functools.partial(jax.jit, static_argnames="num_codes")
 def code_counts(indices: Array, num_codes: int) -> Array:
-    """int32 [num_codes]: how often each code occurs in `indices` (any shape, values in [0, num_codes))."""
-    return jnp.bincount(indices.reshape(-1), length=num_codes).astype(jnp.int32)
+    """int32 [num_codes]: how often each code occurs in `indices` (any shape, values in [0, num_codes)).
+
+    A bincount written as a scatter-add, so that it also type-checks on a batch sharded over explicit mesh axes."""
+    flat = indices.reshape(-1)
+    return scatter_add_rows(num_codes, flat, jnp.ones_like(flat, jnp.int32))
 
 
 def utilization(counts: Array) -> Array:

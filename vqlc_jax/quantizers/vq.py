@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from vqlc_jax.quantizers.base import Quantizer, uniform_init
+from vqlc_jax.quantizers.sharding import gather_rows
 
 Array = jax.Array
 
@@ -19,4 +20,4 @@ class VQQuantizer(Quantizer):
         return self.embedding
 
     def lookup(self, indices: Array) -> Array:
-        return self.embedding[indices]
+        return gather_rows(self.embedding, indices)

@@ -87,6 +87,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     """Model, losses, optimizers and a sharded state initialiser for `config`."""
     config_lib.validate(config)
     mesh = parallel.make_mesh(config.mesh.model_axis)
+    parallel.check_batch_size(config.global_batch_size, mesh)
     model = build_vqgan(config.model)
     disc = NLayerDiscriminator(n_layers=config.loss.disc_layers, ndf=config.loss.disc_ndf)
     lpips_apply, lpips_vars = load_lpips(config.loss)
@@ -133,6 +134,13 @@ def _check_finite(pending: list[tuple[int, dict]]) -> None:
             if not np.isfinite(value):
                 raise NonFiniteLossError(f"step {step}: loss {name!r} is {value}; stopping (the last good "
                                          "checkpoint is kept)")
+
+
+def _window_means(window: list[dict]) -> dict[str, float]:
+    """Mean of each metric over the steps that report it (GAN terms only exist after disc_start)."""
+    fetched = jax.device_get(window)
+    keys = sorted({k for m in fetched for k in m})
+    return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
 
 
 def _usage(counts: np.ndarray) -> dict[str, float]:
@@ -223,13 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     state = _restore_or_init(run, manager)
     start_step = int(jax.device_get(state.step))
-    train_source = data_lib.make_source(config.data, split="train")
-    steps_per_epoch = max(len(train_source) // config.global_batch_size, 1)
-    batches = data_lib.make_pipeline(
-        train_source, global_batch_size=config.global_batch_size, resolution=config.data.resolution,
-        seed=config.seed, train=True, process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
-    parallel.local_batch_size(config.global_batch_size)  # checks divisibility
+    pipeline = data_lib.make_pipeline(
+        data_lib.make_source(config.data.name, "train", config.data.options), resolution=config.data.resolution,
+        global_batch_size=config.global_batch_size, seed=config.seed, train=True,
+        process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step)
+    batches = iter(pipeline)
     images_sharding = parallel.batch_sharding(run.mesh)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -256,20 +262,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     try:
         with jax.set_mesh(run.mesh):
             for step in range(start_step + 1, config.total_steps + 1):
-                images = parallel.global_batch(next(batches), images_sharding)
+                batch = next(batches)
+                images = parallel.global_batch(batch.image, images_sharding)
                 state, metrics = step_fns[step > config.loss.disc_start](state, images, run.lpips_vars)
                 pending.append((step, metrics))
                 progress(step)
                 is_last = step == config.total_steps
-                end_of_epoch = step % steps_per_epoch == 0
+                end_of_epoch = batch.end_of_epoch
 
                 if step % config.log_every_steps == 0 or is_last:
                     _check_finite(pending)
-                    values = {k: float(np.mean([jax.device_get(m[k]) for _, m in pending])) for k in pending[-1][1]}
+                    values = _window_means([m for _, m in pending])
                     counts = np.asarray(jax.device_get(state.window_counts))
                     values.update({f"window_{k}": v for k, v in _usage(counts).items()})
                     values["lr"] = float(lr_schedule(config.optimizer, config.total_steps, config.optimizer.lr)(step))
                     values["steps_per_sec"] = len(pending) / max(time.time() - window_start, 1e-9)
+                    values["skipped_images"] = pipeline.skipped.count
                     state = state.replace(window_counts=jnp.zeros_like(state.window_counts))
                     pending, window_start = [], time.time()
                     last = {"step": step, **values}
@@ -282,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     epoch_usage = _usage(np.asarray(jax.device_get(state.epoch_counts)))
                     writer.write_scalars(step, {f"epoch_{k}": v for k, v in epoch_usage.items()})
                     if metrics_file:
-                        epoch = {"step": step, "epoch": step // steps_per_epoch, **epoch_usage}
+                        epoch = {"step": step, "epoch": batch.epoch, **epoch_usage}
                         metrics_file.write(json.dumps(epoch) + "\n")
                         metrics_file.flush()
                         np.save(workdir / "epoch_code_counts.npy", np.asarray(jax.device_get(state.epoch_counts)))
