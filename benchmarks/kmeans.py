@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--dot-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-sklearn", action="store_true")
+    parser.add_argument("--sklearn-threads", type=int, help="OpenMP threads of scikit-learn (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="n=20,000, D=32, k=256, batch 1024, 20 epochs")
     parser.add_argument("--verbose", action="store_true", help="log our mini-batch inertia")
     args = parser.parse_args()
@@ -47,6 +48,7 @@ def main() -> None:
 
     import jax
     from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
 
     from vqlc_jax.codebook.kmeans import inertia, minibatch_kmeans
 
@@ -65,14 +67,15 @@ def main() -> None:
                                     batch_size=args.batch_size, max_iter=args.epochs, tol=0.0,
                                     max_no_improvement=None, compute_labels=False, random_state=args.seed)
             start = time.perf_counter()
-            model.fit(data)
+            with threadpool_limits(args.sklearn_threads, "openmp"):
+                model.fit(data)
             wall = time.perf_counter() - start
             value = inertia(data, model.cluster_centers_, num_devices=1)
             assert abs(value + model.score(data)) <= 1e-4 * value, (value, -model.score(data))
             assert model.n_steps_ == steps, (model.n_steps_, steps)
             rows.append(("scikit-learn", k, wall, value))
 
-    print(f"\n| method | k | steps | wall s | inertia (full data) | vs scikit-learn | points x centres / s |")
+    print("\n| method | k | steps | wall s | inertia (full data) | vs scikit-learn | points x centres / s |")
     print("|---|---|---|---|---|---|---|")
     reference = {k: value for name, k, _, value in rows if name == "scikit-learn"}
     for name, k, wall, value in rows:

@@ -25,14 +25,22 @@ def get_config(arg: str | None = None):
     c.model.quantizer.update(num_codes=1024, codebook_dim=48, chunk_size=1024)
     c.loss.update(allow_missing_lpips=True, disc_start=400, quant_weight=1.0)
     c.optimizer.update(lr=1e-3, disc_lr=1e-3, warmup_steps=50)
-    if arg == "smoke":
+    if arg == "smoke":  # seconds on a CPU: a tiny model, a few steps, the GAN switched on at step 4
+        c.global_batch_size = 8
         c.total_steps = 6
         c.log_every_steps = 2
         c.checkpoint_every_steps = 3
         c.eval_every_steps = 6
-        c.loss.disc_start = 3
-        c.model.quantizer.num_codes = 64
-        c.codebook_init = "random"
+        c.data.resolution = 16
+        c.data.options = {"resolution": 16}
         c.data.eval_max_images = 16
+        c.model.ddconfig.update(resolution=16, ch_mult=(1, 2), attn_resolutions=(), z_channels=8)
+        c.model.quantizer.update(num_codes=64, codebook_dim=16, chunk_size=32)
+        c.model.embed_dim = 4
+        c.codebook_init = "random"
+        c.loss.disc_start = 3
+        c.loss.disc_layers = 1
         c.optimizer.warmup_steps = 2
+    elif arg:
+        raise ValueError(f"configs/demo.py: unknown variant {arg!r} (choices: smoke)")
     return c

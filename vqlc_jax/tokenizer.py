@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vqlc_jax.models.vqgan import VQModel, build_vqgan
 
@@ -108,16 +109,23 @@ class Tokenizer:
     # Save / load
     # ----------------------------------------------------------------------------------------------------------------
     def save(self, directory: str | pathlib.Path) -> pathlib.Path:
-        """Writes `tokenizer.json` (the config) and `variables/` (orbax) under `directory`; returns it."""
+        """Writes `tokenizer.json` (the config) and `variables/` (orbax) under `directory`; returns it.
+
+        In a multi-process job every process calls it (orbax writes each array once); the directory must be shared.
+        """
         directory = pathlib.Path(directory).absolute()
         target = directory / VARIABLES_DIR
-        if target.exists():
+        exists = target.exists()
+        if jax.process_count() > 1:  # every process has looked before any writes
+            multihost_utils.sync_global_devices(f"tokenizer save {directory}")
+        if exists:
             raise FileExistsError(f"{target} already exists; choose an empty directory (nothing was overwritten)")
         directory.mkdir(parents=True, exist_ok=True)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(target, self.variables)
         checkpointer.wait_until_finished()
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=1, sort_keys=True))
+        if jax.process_index() == 0:
+            (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=1, sort_keys=True))
         return directory
 
     @classmethod

@@ -234,7 +234,7 @@ class CLIPFeatureExtractor:
         self.pool = pool
         self.dtype = dtype
         self.preprocessing = dict(DEFAULT_PREPROCESSING if preprocessing is None else preprocessing)
-        self._forward = jax.jit(self._features)
+        self._forward = jax.jit(self.features)
 
     @classmethod
     def from_pretrained(
@@ -270,7 +270,8 @@ class CLIPFeatureExtractor:
             preprocessing=preprocessing_settings(folder),
         )
 
-    def _features(self, params: Mapping, pixel_values: jax.Array) -> dict[str, jax.Array]:
+    def features(self, params: Mapping, pixel_values: jax.Array) -> dict[str, jax.Array]:
+        """The pure function behind `__call__`: params are an argument (jit them, do not bake them in)."""
         hidden, features = self.module.apply(
             {"params": params},
             pixel_values.astype(self.dtype),

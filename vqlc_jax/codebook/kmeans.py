@@ -5,9 +5,10 @@ replacement, assigns them to the nearest centre (matmul search in cache-sized bl
 centre to the running mean of every point it was ever assigned, c <- (c n + sum of new points) / (n + new points)
 (Sculley's per-centre rate 1/n). Reassignment as scikit-learn's: whenever a centre has no point yet, or every
 `reassign_every` steps (default 10 k points), centres with count < reassignment_ratio x the largest count, or idle
-(no point) for `dead_after` steps, are moved, lowest counts first and at most half a batch per step. Unlike
-scikit-learn, which moves them to uniformly random batch points, they go to the batch points farthest from their
-centre; their counts restart at the smallest kept count (scikit-learn's rule).
+(no point) for `dead_after` steps, are moved, lowest counts first and at most half a batch per step; their counts
+restart at the smallest kept count (scikit-learn's rule). Unlike scikit-learn, which moves them to uniformly random
+batch points, they go to far points: the farthest batch point of each cluster, largest first (so one new centre per
+cluster per step: the plain farthest points of a batch tend to lie in one outlying cluster).
 
 Engineering: independent problems (one, or one per class) are vmapped; the batch is split over a 1-D `data` mesh and
 the per-centre sums of a global-view jit are over all devices; `steps_per_call` steps run in one `lax.scan` (batches
@@ -28,7 +29,8 @@ import math
 import os
 import pathlib
 import tempfile
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,7 @@ from vqlc_jax.codebook.kmeans_search import DEFAULT_CHUNK_SIZE, DEFAULT_ROW_CHUN
 from vqlc_jax.parallel import DATA
 
 Array = jax.Array
-Features = Union[np.ndarray, Array, FeatureSource]
+Features = np.ndarray | Array | FeatureSource
 Callback = Callable[[int, dict], None]
 
 LOG = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ _TRAJECTORY_FIELDS = ("batch_size", "seed", "init", "init_sample", "local_trials
 _INT32_MAX = np.iinfo(np.int32).max
 
 __all__ = [
-    "CODEBOOK_METHODS", "FeatureSource", "KMeansConfig", "MODES", "NpyShards", "build_codebook",
+    "CODEBOOK_METHODS", "MODES", "FeatureSource", "KMeansConfig", "NpyShards", "build_codebook",
     "codebook_from_features", "inertia", "minibatch_kmeans", "nearest_centres", "save_codebook",
 ]
 
@@ -104,7 +106,7 @@ class KMeansConfig:
                 raise ValueError(f"k-means option {name} must be a positive int, got {value!r}")
         if not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 0:
             raise ValueError(f"k-means option num_steps must be an int >= 0, got {self.num_steps!r}")
-        if self.init not in INIT_METHODS + ("array",):
+        if not isinstance(self.init, str) or self.init not in INIT_METHODS + ("array",):
             raise ValueError(f"unknown k-means init {self.init!r}; choices: {', '.join(INIT_METHODS)} or an array")
         if self.dot_dtype not in DOT_DTYPES:
             raise ValueError(f"k-means option dot_dtype must be one of {DOT_DTYPES}, got {self.dot_dtype!r}")
@@ -133,17 +135,28 @@ class _Problems(NamedTuple):
     ids: np.ndarray
 
 
-class _Spec(NamedTuple):
-    """Static settings of the jitted step."""
+class _Search(NamedTuple):
+    """Static settings of the sharded nearest-centre search."""
 
     mesh: jax.sharding.Mesh
     chunk_size: int
     row_chunk: int
     dot_dtype: str
-    reassignment_ratio: float
-    reassign_every: int
-    dead_after: int | None
+
+
+class _Spec(NamedTuple):
+    """Static settings of the jitted step."""
+
+    search: _Search
     max_reassign: int
+
+
+class _Rules(NamedTuple):
+    """Reassignment settings (traced scalars: changing them does not recompile)."""
+
+    ratio: Array
+    every: Array
+    dead_after: Array  # int32 max: off
 
 
 def _constrain(x: Array, mesh: jax.sharding.Mesh, *spec: str | None) -> Array:
@@ -167,7 +180,7 @@ def _block_rows(key: Array, tables: tuple[Array, ...], steps: Array, *, num: int
     return jax.vmap(_problem_rows, (None, None, 0, None))(key, tables, steps, num)
 
 
-def _assign(x: Array, centres: Array, spec: _Spec) -> tuple[Array, Array]:
+def _assign(x: Array, centres: Array, spec: _Search) -> tuple[Array, Array]:
     """Nearest centre and squared distance [Pr, B] of x [Pr, B, D] among centres [Pr, k, D]; each device searches
     its own rows (an explicit device axis, so the row blocks never cross devices)."""
     num_problems, batch, dim = x.shape
@@ -178,16 +191,22 @@ def _assign(x: Array, centres: Array, spec: _Spec) -> tuple[Array, Array]:
     return labels.reshape(num_problems, batch), dist.reshape(num_problems, batch)
 
 
-def _reseed(centres: Array, counts: Array, idle: Array, x: Array, dist: Array, check: Array, spec: _Spec
-            ) -> tuple[Array, Array, Array, Array]:
-    """One problem's reassignment: dead centres (lowest counts first) move to the batch points farthest from their
-    centres, at most spec.max_reassign of them; their counts restart at the smallest kept count."""
-    dead = check & (counts < spec.reassignment_ratio * jnp.max(counts))
-    if spec.dead_after is not None:
-        dead = dead | (check & (idle >= spec.dead_after))
+def _reseed(centres: Array, counts: Array, idle: Array, x: Array, labels: Array, dist: Array, check: Array,
+            rules: _Rules, spec: _Spec) -> tuple[Array, Array, Array, Array]:
+    """One problem's reassignment: dead centres (lowest counts first) move to far batch points, at most
+    spec.max_reassign of them; their counts restart at the smallest kept count.
+
+    The far points are, per centre with points in the batch, its farthest one, taken in decreasing distance: at most
+    one new centre per existing cluster per step, so several dead centres never land in the same outlying cluster."""
+    num_centres, batch = counts.shape[0], dist.shape[0]
+    dead = check & ((counts < rules.ratio * jnp.max(counts)) | (idle >= rules.dead_after))
     _, targets = jax.lax.top_k(-jnp.where(dead, counts, _INT32_MAX), spec.max_reassign)
-    valid = jnp.arange(spec.max_reassign) < jnp.sum(dead)
-    _, far = jax.lax.top_k(dist, spec.max_reassign)
+    farthest = jax.ops.segment_max(dist, labels, num_centres)  # -inf for centres without points
+    position = jnp.where(dist == farthest[labels], jnp.arange(batch), batch)
+    candidate = jax.ops.segment_min(position, labels, num_centres)
+    score, owners = jax.lax.top_k(farthest, spec.max_reassign)
+    valid = (jnp.arange(spec.max_reassign) < jnp.sum(dead)) & (score > 0)
+    far = jnp.minimum(candidate[owners], batch - 1)
     centres = centres.at[targets].set(jnp.where(valid[:, None], x[far], centres[targets]))
     moved = jnp.zeros(counts.shape, bool).at[targets].set(valid)
     kept_min = jnp.min(jnp.where(moved, _INT32_MAX, counts))
@@ -195,11 +214,12 @@ def _reseed(centres: Array, counts: Array, idle: Array, x: Array, dist: Array, c
     return centres, counts, jnp.where(moved, 0, idle), jnp.sum(moved)
 
 
-def _step(state: dict[str, Array], x: Array, spec: _Spec) -> tuple[dict[str, Array], tuple[Array, Array]]:
+def _step(state: dict[str, Array], x: Array, rules: _Rules, spec: _Spec
+          ) -> tuple[dict[str, Array], tuple[Array, Array]]:
     """One mini-batch step of every problem on its batch x [Pr, B, D]."""
     centres, counts, idle = state["centres"], state["counts"], state["idle"]
     num_problems, k, dim = centres.shape
-    labels, dist = _assign(x, centres, spec)
+    labels, dist = _assign(x, centres, spec.search)
     segments = (labels + k * jnp.arange(num_problems, dtype=jnp.int32)[:, None]).reshape(-1)
     sums = jax.ops.segment_sum(x.reshape(-1, dim), segments, num_problems * k).reshape(centres.shape)
     hits = jax.ops.segment_sum(jnp.ones_like(segments), segments, num_problems * k).reshape(counts.shape)
@@ -208,12 +228,12 @@ def _step(state: dict[str, Array], x: Array, spec: _Spec) -> tuple[dict[str, Arr
     centres = jnp.where(hits[..., None] > 0, updated, centres)
     idle = jnp.where(hits > 0, 0, idle + 1)
     since = state["since_reassign"] + 1
-    check = jnp.any(counts == 0, axis=1) | (since >= spec.reassign_every)
+    check = jnp.any(counts == 0, axis=1) | (since >= rules.every)
     centres, new_counts, idle, moved = jax.lax.cond(
         jnp.any(check),
-        jax.vmap(functools.partial(_reseed, spec=spec)),
+        jax.vmap(functools.partial(_reseed, rules=rules, spec=spec)),
         lambda c, n, i, *_: (c, n, i, jnp.zeros(num_problems, jnp.int32)),
-        centres, new_counts, idle, x, dist, check)
+        centres, new_counts, idle, x, labels, dist, check)
     state = {"centres": centres, "counts": new_counts, "idle": idle, "since_reassign": jnp.where(check, 0, since),
              "step": state["step"] + 1}
     return state, (jnp.mean(dist), jnp.sum(moved))
@@ -221,17 +241,18 @@ def _step(state: dict[str, Array], x: Array, spec: _Spec) -> tuple[dict[str, Arr
 
 @functools.partial(jax.jit, static_argnames=("spec", "batch_size"), donate_argnames="state")
 def _run_block(state: dict[str, Array], steps: Array, active: Array, batches: Array | None, data: Array | None,
-               tables: tuple[Array, ...], key: Array, *, spec: _Spec, batch_size: int
+               tables: tuple[Array, ...], key: Array, rules: _Rules, *, spec: _Spec, batch_size: int
                ) -> tuple[dict[str, Array], tuple[Array, Array]]:
     """The active steps of one block; batches [S, Pr, B, D] are given, or gathered on device from `data`.
     Returns the state and per-step (mean squared distance of the batch, centres reassigned), zeros when inactive."""
 
     def body(state: dict[str, Array], inputs: tuple[Array, Array, Array | None]):
         step, is_active, batch = inputs
+        mesh = spec.search.mesh
         if data is not None:
-            batch = data[_constrain(_problem_rows(key, tables, step, batch_size), spec.mesh, None, DATA)]
-        batch = _constrain(batch, spec.mesh, None, DATA, None)
-        return jax.lax.cond(is_active, lambda s: _step(s, batch, spec),
+            batch = data[_constrain(_problem_rows(key, tables, step, batch_size), mesh, None, DATA)]
+        batch = _constrain(batch, mesh, None, DATA, None)
+        return jax.lax.cond(is_active, lambda s: _step(s, batch, rules, spec),
                             lambda s: (s, (jnp.float32(0), jnp.int32(0))), state)
 
     return jax.lax.scan(body, state, (steps, active, batches))
@@ -265,9 +286,9 @@ class _MetricLog:
         self.reassigned = 0
         self.history: list[dict] = []
 
-    def add(self, steps: np.ndarray, metrics: tuple[Array, Array]) -> None:
-        inertia, reassigned = (np.asarray(m) for m in metrics)
-        for step, value, moved in zip(steps, inertia, reassigned):
+    def add(self, steps: np.ndarray, active: np.ndarray, metrics: tuple[Array, Array]) -> None:
+        inertia, reassigned = (np.asarray(m)[active] for m in metrics)
+        for step, value, moved in zip(steps[active], inertia, reassigned):
             self.inertia.append(float(value))
             self.reassigned += int(moved)
             done = int(step) + 1
@@ -286,15 +307,16 @@ def _fingerprint(config: KMeansConfig, k: int, dim: int, problems: _Problems, in
     for array in (*problems, initial):
         if array is not None:
             digest.update(np.ascontiguousarray(array).tobytes())
-    return {**{name: getattr(config, name) for name in _TRAJECTORY_FIELDS}, "k": k, "dim": dim,
-            "problems": digest.hexdigest()}
+    fingerprint = {**{name: getattr(config, name) for name in _TRAJECTORY_FIELDS}, "k": k, "dim": dim,
+                   "problems": digest.hexdigest()}
+    return json.loads(json.dumps(fingerprint, default=_json_default))  # as a checkpoint reads it back
 
 
 def _save_checkpoint(directory: pathlib.Path, state: dict[str, Array], fingerprint: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {name: np.asarray(value) for name, value in state.items()}
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-        np.savez(handle, fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)), **arrays)
+        np.savez(handle, fingerprint=np.array(json.dumps(fingerprint)), **arrays)
     os.replace(handle.name, directory / CHECKPOINT_NAME)
 
 
@@ -341,14 +363,18 @@ def _fit(data: Features, problems: _Problems, k: int, config: KMeansConfig, *, i
             return np.asarray(device_data[rows])
         return np.asarray(source.read(rows.reshape(-1)), np.float32).reshape(*rows.shape, dim)
 
-    spec = _Spec(mesh, config.chunk_size, config.row_chunk, config.dot_dtype, config.reassignment_ratio,
-                 config.reassign_every or math.ceil(10 * k / config.batch_size), config.dead_after,
+    spec = _Spec(_Search(mesh, config.chunk_size, config.row_chunk, config.dot_dtype),
                  min(config.batch_size // 2, k) or 1)
+    rules = _Rules(np.float32(config.reassignment_ratio),
+                   np.int32(config.reassign_every or math.ceil(10 * k / config.batch_size)),
+                   np.int32(_INT32_MAX if config.dead_after is None else config.dead_after))
     fingerprint = _fingerprint(config, k, dim, problems, initial)
     checkpoint_dir = None if config.checkpoint_dir is None else pathlib.Path(config.checkpoint_dir)
     state = None if checkpoint_dir is None else _load_checkpoint(checkpoint_dir, fingerprint)
     if state is None:
         if initial is None:
+            if config.init == "array":
+                raise ValueError("k-means: init='array' needs the centres; pass init=<array [k, D]>")
             sample_size = config.init_sample or 3 * max(config.batch_size, k)
             if sample_size < k:
                 raise ValueError(f"k-means: init_sample={sample_size} < k={k}")
@@ -377,11 +403,11 @@ def _fit(data: Features, problems: _Problems, k: int, config: KMeansConfig, *, i
             batches = np.zeros((*rows.shape, dim), np.float32)
             batches[active] = read(rows[active])
             batches = jax.device_put(batches, batch_sharding)
-        state, metrics = _run_block(state, steps, active, batches, device_data, tables, batch_key, spec=spec,
-                                    batch_size=config.batch_size)
+        state, metrics = _run_block(state, steps, active, batches, device_data, tables, batch_key, rules,
+                                    spec=spec, batch_size=config.batch_size)
         if pending is not None:
             log.add(*pending)
-        pending = (steps[active], (metrics[0][active], metrics[1][active]))
+        pending = (steps, active, metrics)
         block_end = min(block_start + block, config.num_steps)
         if checkpoint_dir is not None and (block_end % checkpoint_every == 0 or block_end == config.num_steps):
             _save_checkpoint(checkpoint_dir, state, fingerprint)
@@ -393,7 +419,8 @@ def _fit(data: Features, problems: _Problems, k: int, config: KMeansConfig, *, i
 def _problems_of(labels: np.ndarray | None, num_rows: int) -> tuple[_Problems, np.ndarray]:
     """One problem over all rows (labels None), or one per class in sorted class order; and the classes."""
     if labels is None:
-        return _Problems(np.arange(num_rows), np.zeros(1), np.full(1, num_rows), np.zeros(1)), np.zeros(0)
+        zero = np.zeros(1, np.int64)
+        return _Problems(np.arange(num_rows), zero, np.full(1, num_rows), zero), np.zeros(0)
     labels = np.asarray(labels)
     if labels.shape != (num_rows,):
         raise ValueError(f"labels must have shape ({num_rows},) (one per feature row), got {labels.shape}")
@@ -408,7 +435,7 @@ def _check_k(k: int, problems: _Problems, classes: np.ndarray, name: str) -> Non
         raise ValueError(f"{name} must be a positive int, got {k!r}")
     too_small = np.flatnonzero(problems.sizes < k)
     if too_small.size:
-        where = f"class {classes[too_small[0]]!r}" if classes.size else "the data"
+        where = f"class {classes[too_small[0]].item()!r}" if classes.size else "the data"
         raise ValueError(f"{name}={k} > {problems.sizes[too_small[0]]} rows of {where} (k cannot exceed the rows)")
 
 
@@ -512,7 +539,7 @@ def codebook_from_features(features: Features, n: int, method: str, seed: int = 
 
 
 @functools.partial(jax.jit, static_argnames="spec")
-def _masked_inertia(x: Array, valid: Array, centres: Array, *, spec: _Spec) -> Array:
+def _masked_inertia(x: Array, valid: Array, centres: Array, *, spec: _Search) -> Array:
     _, dist = _assign(x[None], centres[None], spec)
     return jnp.sum(jnp.where(valid, dist[0], 0.0))
 
@@ -527,7 +554,7 @@ def inertia(data: Features, centres: np.ndarray, *, chunk_size: int = DEFAULT_CH
     if centres.ndim != 2 or centres.shape[1] != source.dim:
         raise ValueError(f"inertia: centres of shape {centres.shape} do not match feature dim {source.dim}")
     mesh = _data_mesh(num_devices)
-    spec = _Spec(mesh, chunk_size, row_chunk, dot_dtype, 0.0, 1, None, 1)
+    spec = _Search(mesh, chunk_size, row_chunk, dot_dtype)
     batch = -(-min(batch_size, source.num_rows) // mesh.size) * mesh.size
     centres = jax.device_put(centres, NamedSharding(mesh, P()))
     sums = []
@@ -562,12 +589,12 @@ def save_codebook(directory: str | pathlib.Path, centres: np.ndarray, metadata: 
     centres = np.ascontiguousarray(centres, np.float32)
     if centres.ndim != 2 or not np.isfinite(centres).all():
         raise ValueError(f"save_codebook: centres must be a finite 2-D array [N, D], got shape {centres.shape}")
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     info = {**(metadata or {}), "num_codes": centres.shape[0], "dim": centres.shape[1], "dtype": "float32",
             "sha256": hashlib.sha256(centres.tobytes()).hexdigest(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     text = json.dumps(info, indent=2, default=_json_default)  # before any write: fails on bad metadata
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     npy = directory / "codebook.npy"
     _atomic_write(npy, lambda handle: np.save(handle, centres))
     _atomic_write(directory / "codebook.json", lambda handle: handle.write(text.encode()))

@@ -7,7 +7,8 @@ reads random rows of it per block of steps, so features never have to fit in mem
 from __future__ import annotations
 
 import pathlib
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import jax
 import numpy as np

@@ -128,12 +128,13 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
 # Bookkeeping helpers
 # ----------------------------------------------------------------------------------------------------------------------
 def _check_finite(pending: list[tuple[int, dict]]) -> None:
-    """Raises NonFiniteLossError naming the first step and loss that is NaN or Inf."""
+    """Raises NonFiniteLossError naming the first step with a NaN or Inf loss, and every such loss in it."""
     for step, metrics in pending:
-        for name, value in jax.device_get(metrics).items():
-            if not np.isfinite(value):
-                raise NonFiniteLossError(f"step {step}: loss {name!r} is {value}; stopping (the last good "
-                                         "checkpoint is kept)")
+        bad = {k: v for k, v in sorted(jax.device_get(metrics).items()) if not np.isfinite(v)}
+        if bad:
+            listed = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NonFiniteLossError(f"step {step}: non-finite loss {listed}; stopping (the last good checkpoint "
+                                     "is kept)")
 
 
 def _window_means(window: list[dict]) -> dict[str, float]:
@@ -188,8 +189,7 @@ def export_tokenizer(config: ml_collections.ConfigDict, state: TrainState, direc
     """Writes the trained tokenizer in the `Tokenizer.save` format (read back by `Tokenizer.load`)."""
     from vqlc_jax.tokenizer import Tokenizer
 
-    tok = Tokenizer(config.model.to_dict(), jax.device_get(tokenizer_variables(state)))
-    return tok.save(directory)
+    return Tokenizer(config.model.to_dict(), tokenizer_variables(state)).save(directory)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,10 +213,13 @@ def evaluate(run: Run, state: TrainState, workdir: pathlib.Path, step: int, writ
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       preemption: Any = None) -> dict[str, Any]:
     """Trains (resuming from `workdir` when it holds checkpoints), evaluates, and exports the tokenizer.
 
-    Returns the last logged metrics plus `status`: "done" or "preempted".
+    `preemption` (default: SIGTERM) is an object whose `requested` flag, read after each step, makes the run save a
+    checkpoint and return; its `restore()` is called at the end. Returns the last logged metrics plus `status`:
+    "done" or "preempted".
     """
     from clu import metric_writers, periodic_actions
 
@@ -231,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     state = _restore_or_init(run, manager)
     start_step = int(jax.device_get(state.step))
+    export_exists = (workdir / "tokenizer").exists()  # decided once, by every process alike
     pipeline = data_lib.make_pipeline(
         data_lib.make_source(config.data.name, "train", config.data.options), resolution=config.data.resolution,
         global_batch_size=config.global_batch_size, seed=config.seed, train=True,
@@ -252,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             donate_argnums=(0,))
         for use_gan in (False, True)
     }
-    preemption = _Preemption()
+    preemption = preemption or _Preemption()
     pending: list[tuple[int, dict]] = []
     last: dict[str, Any] = {}
     window_start = time.time()
@@ -268,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 pending.append((step, metrics))
                 progress(step)
                 is_last = step == config.total_steps
+                stop = preemption.requested
                 end_of_epoch = batch.end_of_epoch
 
                 if step % config.log_every_steps == 0 or is_last:
@@ -296,12 +301,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         np.save(workdir / "epoch_code_counts.npy", np.asarray(jax.device_get(state.epoch_counts)))
                     state = state.replace(epoch_counts=jnp.zeros_like(state.epoch_counts))
 
-                if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+                if step % config.checkpoint_every_steps == 0 or is_last or stop:
                     _check_finite(pending)
                     manager.save(step, args=ocp.args.StandardSave(state))
                 if step % config.eval_every_steps == 0 or is_last:
                     last.update(evaluate(run, state, workdir, step, writer))
-                if preemption.requested:
+                if stop and not is_last:
                     status = "preempted"
                     break
     finally:
@@ -312,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             metrics_file.close()
 
     # ---- Export. ------------------------------------------------------------------------------------------------------
-    if status == "done" and is_main and not (workdir / "tokenizer").exists():
+    if status == "done" and not export_exists:
         export_tokenizer(config, state, workdir / "tokenizer")
     return {**last, "status": status}
 
