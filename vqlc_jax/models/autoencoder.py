@@ -109,8 +109,8 @@ class MidBlock(nn.Module):
         return ResnetBlock(self.channels, self.dropout, name="block_2")(x, train)
 
 
-class Encoder(nn.Module):
-    """Images [B, H, W, in_channels] -> latents [B, H/f, W/f, z_channels (x2 if double_z)], f = 2**(len(ch_mult)-1)."""
+class _Architecture(nn.Module):
+    """The taming `ddconfig` fields that encoder and decoder share (defaults: the f16 VQGAN)."""
 
     ch: int = 128
     ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -118,8 +118,13 @@ class Encoder(nn.Module):
     attn_resolutions: Sequence[int] = (16,)
     z_channels: int = 256
     resolution: int = 256
-    in_channels: int = 3
     dropout: float = 0.0
+
+
+class Encoder(_Architecture):
+    """Images [B, H, W, in_channels] -> latents [B, H/f, W/f, z_channels (x2 if double_z)], f = 2**(len(ch_mult)-1)."""
+
+    in_channels: int = 3
     double_z: bool = False
 
     @nn.compact
@@ -136,21 +141,14 @@ class Encoder(nn.Module):
         return conv3x3(2 * self.z_channels if self.double_z else self.z_channels, "conv_out")(h)
 
 
-class Decoder(nn.Module):
+class Decoder(_Architecture):
     """Latents [B, h, w, z_channels] -> images [B, h*f, w*f, out_ch].
 
     `features` stops before the last conv (`conv_out`) and `head` applies it: the trainer needs both halves to take
     the adaptive GAN weight's gradients at the last layer without a second backward pass.
     """
 
-    ch: int = 128
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (16,)
-    z_channels: int = 256
-    resolution: int = 256
     out_ch: int = 3
-    dropout: float = 0.0
 
     def setup(self):
         self.conv_in = conv3x3(self.ch * self.ch_mult[-1], "conv_in")

@@ -10,23 +10,26 @@ import ml_collections
 
 from vqlc_jax.quantizers import QUANTIZERS
 
+IMAGENET_TRAIN_IMAGES = 1_281_167
 F16_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
                     ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The paper's VQGAN-LC f16 recipe on ImageNet (100K codebook, D'=8, linear projector)."""
+    """The paper's VQGAN-LC f16 recipe on ImageNet: 100K codebook, D'=8, linear projector, 20 epochs at global
+    batch 256 with 5 warm-up epochs."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.global_batch_size = 256
-    c.total_steps = 100_000
+    steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.global_batch_size
+    c.total_steps = 20 * steps_per_epoch
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2_000
     c.eval_every_steps = 10_000
     c.keep_checkpoints = 3
 
-    c.data = ml_collections.ConfigDict(dict(name="imagenet2012", options={}, resolution=256, eval_split="validation",
-                                            eval_max_images=0))
+    c.data = ml_collections.ConfigDict(dict(name="imagenet2012", options={"data_dir": ""}, resolution=256,
+                                            eval_split="validation", eval_max_images=0))
     c.model = ml_collections.ConfigDict(dict(
         ddconfig=dict(F16_DDCONFIG), embed_dim=8,
         quantizer=dict(name="lc", num_codes=100_000, codebook_dim=768, projector="linear", alpha=1.0, beta=0.33,
@@ -42,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
         lpips_path="", allow_missing_lpips=False,
         disc_start=20_000, disc_weight=0.1, disc_factor=1.0, adaptive_weight_max=1e4, disc_layers=2, disc_ndf=64))
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=5e-4, min_lr=0.0, warmup_steps=5_000, b1=0.5, b2=0.9, eps=1e-7, disc_lr=5e-4))
+        lr=5e-4, min_lr=0.0, warmup_steps=5 * steps_per_epoch, b1=0.5, b2=0.9, eps=1e-7, disc_lr=5e-4))
     c.mesh = ml_collections.ConfigDict(dict(model_axis=1))
     return c
 

@@ -199,14 +199,17 @@ def evaluate(run: Run, state: TrainState, workdir: pathlib.Path, step: int, writ
     """Reconstruction metrics and codebook usage over the validation split; writes a reconstruction grid."""
     from vqlc_jax import evaluate as evaluate_lib
 
-    result = evaluate_lib.evaluate_variables(
-        run.fns.model, tokenizer_variables(state), run.config, mesh=run.mesh,
+    config = run.config
+    result = evaluate_lib.evaluate_tokenizer(
+        run.fns.model, tokenizer_variables(state), config.data, num_codes=config.model.quantizer.num_codes,
+        batch_size=config.global_batch_size, mesh=run.mesh,
         lpips=(run.fns.lpips, run.lpips_vars) if run.fns.lpips else None)
     scalars = {f"eval/{k}": v for k, v in result.scalars.items()}
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
         grid = evaluate_lib.save_grid(result.originals, result.reconstructions, workdir / f"recon_{step:07d}.png")
         writer.write_images(step, {"eval/reconstructions": grid[None]})
+        np.save(workdir / "eval_code_counts.npy", result.counts)
     return scalars
 
 

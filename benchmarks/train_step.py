@@ -1,0 +1,284 @@
+"""The generator training step against the official release's, at the `tiny_linear` fixture's size, on 1 CPU device.
+
+The step is the trainer's own: `build_run(config)` (model, Adam, LPIPS loaded from a `.npz` through
+`loss.lpips_path`, a born-sharded state) and the same `jax.jit(train_step, ..., donate_argnums=(0,))` that
+`train_and_evaluate` builds. Configuration, as the team measured the release (see
+/work/shared/notes/official_vqgan_lc.md, last section): ddconfig of `tiny_linear` (32 px, ch 32, ch_mult [1, 2],
+one res block, z_channels 16, attention at 16), embed_dim D' = 8, linear projector, batch 16, a frozen codebook
+of dimension 768 with N codes, L1 + quantization (x0.1) + LPIPS loss, Adam; no GAN (`use_gan=False`). A row with
+the GAN on (PatchGAN update + adaptive weight) is printed for information; the release was not measured with it.
+
+The codebook is Gaussian (`codebook_init="random"`) and the LPIPS weights are random (written to a temporary .npz
+and loaded by the trainer's path): speed does not depend on either, the loss values are meaningless.
+
+Reported: compile time of the step, images/s = batch / median step time (timed steps after warm-up steps, each
+ended by block_until_ready), and, with --breakdown (default on), the quantizer's parts timed alone: projecting
+the N x 768 codebook, the nearest-code search over it, the whole quantizer forward + backward, and for comparison
+a search by |e|^2 - 2 z.e (one matmul per chunk, then argmin) as the release does it.
+
+    python benchmarks/train_step.py                  # N in {16384, 100000}, 10 timed steps each
+    python benchmarks/train_step.py --quick          # smoke run: N=4096, 2 timed steps, no GAN row, no breakdown
+    python benchmarks/train_step.py --codes 100000 --steps 5 --no-gan
+
+Timings on a shared machine are noisy: run it a few times and compare medians.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One CPU device unless the caller chose otherwise (must happen before jax is imported).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIXTURE = pathlib.Path("/work/shared/fixtures/official_vqgan_lc/tiny_linear.json")
+# The fixture's ddconfig and embed_dim, used when the fixture file is not at hand.
+TINY_DDCONFIG = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 2),
+                     num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
+TINY_EMBED_DIM = 8
+# images/s of the official generator step, torch 2.13 CPU, 2 threads, same configuration (measured by the team).
+OFFICIAL_IMAGES_PER_SEC = {16_384: 11.0, 100_000: 3.8}
+
+
+def tiny_model_config() -> tuple[dict, int]:
+    if FIXTURE.is_file():
+        fixture = json.loads(FIXTURE.read_text())
+        return dict(fixture["ddconfig"]), int(fixture["embed_dim"])
+    return dict(TINY_DDCONFIG), TINY_EMBED_DIM
+
+
+def make_config(num_codes: int, batch: int, codebook_dim: int, chunk_size: int, lpips_path: str):
+    from vqlc_jax.train.config import base_config
+
+    ddconfig, embed_dim = tiny_model_config()
+    c = base_config()
+    c.global_batch_size = batch
+    c.total_steps = 10_000
+    c.optimizer.warmup_steps = 100
+    c.data.resolution = int(ddconfig["resolution"])
+    c.model.ddconfig.update({k: tuple(v) if isinstance(v, list) else v for k, v in ddconfig.items()})
+    c.model.embed_dim = embed_dim
+    c.model.quantizer.update(dict(name="lc", num_codes=num_codes, codebook_dim=codebook_dim, projector="linear",
+                                  chunk_size=chunk_size))
+    c.codebook_init = "random"
+    c.loss.lpips_path = lpips_path
+    return c
+
+
+def write_random_lpips(path: pathlib.Path) -> None:
+    """Randomly initialised LPIPS variables, stored where the trainer reads them (speed only: not the real weights)."""
+    from vqlc_jax.convert.lpips_weights import save_lpips_variables
+    from vqlc_jax.models.lpips import LPIPS
+
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    save_lpips_variables(jax.device_get(LPIPS().init(jax.random.key(1), x, x)), path)
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_step(num_codes: int, use_gan: bool, args: argparse.Namespace, lpips_path: str) -> dict:
+    """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step."""
+    from vqlc_jax import parallel
+    from vqlc_jax.train.steps import train_step
+    from vqlc_jax.train.trainer import build_run
+
+    config = make_config(num_codes, args.batch, args.codebook_dim, args.chunk_size, lpips_path)
+    run = build_run(config)
+    state = run.init_state()
+    rng = np.random.default_rng(args.seed)
+    res = config.data.resolution
+    images_sharding = parallel.batch_sharding(run.mesh)
+    images = parallel.global_batch(rng.uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32), images_sharding)
+    # The trainer's jit (train_and_evaluate), state donated.
+    step = jax.jit(
+        lambda s, x, lp: train_step(run.fns, s, x, lp, use_gan=use_gan),
+        in_shardings=(run.state_shardings, images_sharding, parallel.replicated(run.mesh)),
+        out_shardings=(run.state_shardings, parallel.replicated(run.mesh)),
+        donate_argnums=(0,))
+    with jax.set_mesh(run.mesh):
+        start = time.perf_counter()
+        compiled = step.lower(state, images, run.lpips_vars).compile()
+        compile_s = time.perf_counter() - start
+        analysis = compiled.memory_analysis()
+        temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+
+        holder = {"state": state}
+
+        def one_step():
+            holder["state"], metrics = compiled(holder["state"], images, run.lpips_vars)
+            return metrics
+
+        times = time_calls(one_step, args.warmup, args.steps)
+        metrics = jax.device_get(one_step())
+    if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite loss at N={num_codes}: {metrics}")
+    return dict(compile_s=compile_s, times=times, temp=temp, state=holder["state"], run=run)
+
+
+def bench_quantizer(run, state, args: argparse.Namespace) -> dict[str, float]:
+    """Median ms of the quantizer's parts alone, on the latents' shape of a batch (T = batch * h * w tokens)."""
+    from vqlc_jax.quantizers import nearest_codes
+
+    quantizer = run.fns.model.quantizer.clone(parent=None)
+    params = jax.device_get(state.params["quantizer"])
+    codebook = jax.device_get(state.model_state["codebook"]["quantizer"])
+    variables = {"params": params, "codebook": codebook}
+    factor = 2 ** (len(run.config.model.ddconfig.ch_mult) - 1)
+    side = run.config.data.resolution // factor
+    rng = np.random.default_rng(args.seed)
+    z = jnp.asarray(rng.standard_normal((args.batch, side, side, quantizer.embed_dim), np.float32) * 0.5)
+    g = jnp.asarray(rng.standard_normal(z.shape, np.float32))
+    table = jax.jit(lambda v: quantizer.apply(v, method="search_table"))(variables)
+    flat = z.reshape(-1, z.shape[-1])
+
+    def fwd_bwd(v, z):
+        def loss(p, z):
+            zq, _, aux = quantizer.apply({**v, "params": p}, z)
+            return jnp.sum(zq * g) + aux["quant_loss"]
+        return jax.grad(loss, argnums=(0, 1))(v["params"], z)
+
+    def dot_search(z, table, chunk):
+        """The release's |z|^2 + |e|^2 - 2 z.e (|z|^2 dropped: it does not change the argmin), chunked."""
+        n = table.shape[0]
+        chunk = min(chunk, n)
+        k = -(-n // chunk)
+        padded = jnp.pad(table, ((0, k * chunk - n), (0, 0)), constant_values=1e30).reshape(k, chunk, -1)
+
+        def body(carry, xs):
+            best_d, best_i = carry
+            tab, start = xs
+            d = jnp.sum(tab * tab, axis=1) - 2.0 * jnp.dot(z, tab.T, precision=jax.lax.Precision.HIGHEST)
+            i = jnp.argmin(d, axis=1).astype(jnp.int32)
+            dmin = jnp.min(d, axis=1)
+            better = dmin < best_d
+            return (jnp.where(better, dmin, best_d), jnp.where(better, i + start, best_i)), None
+
+        init = (jnp.full(z.shape[:1], jnp.inf), jnp.zeros(z.shape[:1], jnp.int32))
+        (_, idx), _ = jax.lax.scan(body, init, (padded, jnp.arange(k, dtype=jnp.int32) * chunk))
+        return idx
+
+    parts = {
+        "project codebook (N x 768 -> 8)": (jax.jit(lambda v: quantizer.apply(v, method="search_table")), (variables,)),
+        "search (nearest_codes, chunked)": (jax.jit(functools.partial(nearest_codes, chunk_size=args.chunk_size)),
+                                            (flat, table)),
+        "quantizer fwd + bwd (all of it)": (jax.jit(fwd_bwd), (variables, z)),
+        "alt. search: |e|^2 - 2 z.e matmul + argmin": (
+            jax.jit(functools.partial(dot_search, chunk=args.chunk_size)), (flat, table)),
+    }
+    out = {}
+    for name, (fn, fn_args) in parts.items():
+        out[name] = statistics.median(time_calls(lambda: fn(*fn_args), 1, args.repeats)) * 1e3
+    ref = np.asarray(parts["search (nearest_codes, chunked)"][0](flat, table)[0])
+    alt = np.asarray(parts["alt. search: |e|^2 - 2 z.e matmul + argmin"][0](flat, table))
+    out["alt. search agrees"] = float(np.mean(ref == alt))
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--codes", type=int, nargs="+", default=[16_384, 100_000], help="codebook sizes N")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--codebook-dim", type=int, default=768)
+    parser.add_argument("--chunk-size", type=int, default=16_384, help="codes per search chunk (the config default)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per breakdown part (median)")
+    parser.add_argument("--no-gan", action="store_true", help="skip the GAN-on rows")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip timing the quantizer's parts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: N=4096, 1 warm-up, 2 timed steps, no GAN row, no breakdown")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.codes, args.warmup, args.steps, args.no_gan, args.no_breakdown = [4096], 1, 2, True, True
+    return args
+
+
+def _mb(num_bytes: int | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**20:,.0f}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = jax.devices()[0]
+    ddconfig, embed_dim = tiny_model_config()
+    print(f"jax {jax.__version__}, {jax.device_count()} device(s): {device.platform} ({device.device_kind}), "
+          f"{os.cpu_count()} CPU cores visible; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"tiny_linear ddconfig (res {ddconfig['resolution']}, ch {ddconfig['ch']}, ch_mult {list(ddconfig['ch_mult'])},"
+          f" z_channels {ddconfig['z_channels']}), D'={embed_dim}, batch {args.batch}, codebook dim "
+          f"{args.codebook_dim}, chunk {args.chunk_size}; warm-up {args.warmup}, timed steps {args.steps}.")
+    print("Random LPIPS weights and a Gaussian codebook (speed only; loss values are meaningless).\n")
+
+    rows, breakdowns = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        lpips_path = str(pathlib.Path(tmp) / "lpips_random.npz")
+        write_random_lpips(pathlib.Path(lpips_path))
+        for num_codes in args.codes:
+            for use_gan in (False,) if args.no_gan else (False, True):
+                result = bench_step(num_codes, use_gan, args, lpips_path)
+                median = statistics.median(result["times"])
+                rows.append(dict(codes=num_codes, gan=use_gan, compile_s=result["compile_s"], median=median,
+                                 spread=(min(result["times"]), max(result["times"])), temp=result["temp"]))
+                r = rows[-1]
+                print(f"  N={num_codes:,} gan={use_gan}: compile {r['compile_s']:.1f} s, step median "
+                      f"{median * 1e3:,.0f} ms (min {r['spread'][0] * 1e3:,.0f}, max {r['spread'][1] * 1e3:,.0f})",
+                      flush=True)
+                if not use_gan and not args.no_breakdown:
+                    breakdowns[num_codes] = bench_quantizer(result["run"], result["state"], args)
+                del result
+
+    print("\n| N codes | step | ours images/s | release images/s (torch 2.13 CPU, 2 threads) | ours / release "
+          "| step ms (median) | min-max ms | compile s | temp MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ours = args.batch / r["median"]
+        official = OFFICIAL_IMAGES_PER_SEC.get(r["codes"]) if not r["gan"] and args.batch == 16 else None
+        official_s = f"{official:.1f}" if official else "not measured"
+        ratio = f"{ours / official:.2f}x" if official else "-"
+        kind = "generator + GAN (D update, adaptive weight)" if r["gan"] else "generator (no GAN)"
+        print(f"| {r['codes']:,} | {kind} | {ours:.2f} | {official_s} | {ratio} | {r['median'] * 1e3:,.0f} | "
+              f"{r['spread'][0] * 1e3:,.0f}-{r['spread'][1] * 1e3:,.0f} | {r['compile_s']:.1f} | {_mb(r['temp'])} |")
+    print("\nRelease numbers: measured by the team, torch 2.13 CPU 2 threads, same configuration "
+          "(/work/shared/notes/official_vqgan_lc.md).")
+
+    if breakdowns:
+        factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        tokens = args.batch * (ddconfig["resolution"] // factor) ** 2
+        print(f"\nQuantizer parts alone (T = {tokens:,} tokens, median of {args.repeats}; ms), next to the no-GAN "
+              "step:\n")
+        names = [k for k in next(iter(breakdowns.values())) if k != "alt. search agrees"]
+        print("| part | " + " | ".join(f"N={n:,}" for n in breakdowns) + " |")
+        print("|---|" + "---:|" * len(breakdowns))
+        for name in names:
+            print(f"| {name} | " + " | ".join(f"{b[name]:,.1f}" for b in breakdowns.values()) + " |")
+        steps = {r["codes"]: r["median"] for r in rows if not r["gan"]}
+        print("| whole no-GAN step | " + " | ".join(f"{steps[n] * 1e3:,.1f}" for n in breakdowns) + " |")
+        print("| alt. search: same indices | " + " | ".join(f"{b['alt. search agrees']:.2%}"
+                                                       for b in breakdowns.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
