@@ -32,23 +32,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 FIXTURE = pathlib.Path("/work/shared/fixtures/official_vqgan_lc/tiny_linear.json")
 # The fixture's ddconfig and embed_dim, used when the fixture file is not at hand.
-TINY_DDCONFIG = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 2),
-                     num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
+TINY_DDCONFIG = {"double_z": False, "z_channels": 16, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                 "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,), "dropout": 0.0}
 TINY_EMBED_DIM = 8
 # images/s of the official generator step, torch 2.13 CPU, 2 threads, same configuration (measured by the team).
 OFFICIAL_IMAGES_PER_SEC = {16_384: 11.0, 100_000: 3.8}
@@ -72,8 +74,8 @@ def make_config(num_codes: int, batch: int, codebook_dim: int, chunk_size: int, 
     c.data.resolution = int(ddconfig["resolution"])
     c.model.ddconfig.update({k: tuple(v) if isinstance(v, list) else v for k, v in ddconfig.items()})
     c.model.embed_dim = embed_dim
-    c.model.quantizer.update(dict(name="lc", num_codes=num_codes, codebook_dim=codebook_dim, projector="linear",
-                                  chunk_size=chunk_size))
+    c.model.quantizer.update({"name": "lc", "num_codes": num_codes, "codebook_dim": codebook_dim,
+                              "projector": "linear", "chunk_size": chunk_size})
     c.codebook_init = "random"
     c.loss.lpips_path = lpips_path
     return c
@@ -88,6 +90,61 @@ def write_random_lpips(path: pathlib.Path) -> None:
     save_lpips_variables(jax.device_get(LPIPS().init(jax.random.key(1), x, x)), path)
 
 
+class _PatchConv(nn.Module):
+    """3x3 conv, stride 1, padding 1, with nn.Conv's variables (`kernel` HWIO, `bias`); maps smaller than the kernel
+    (2x2, 1x1) go through im2col + one matmul, where XLA:CPU's convolution is pathologically slow."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        height, width = x.shape[1:3]
+        if min(height, width) < 3:
+            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            cols = jnp.concatenate([padded[:, i:i + height, j:j + width, :] for i in range(3) for j in range(3)], -1)
+            y = cols @ kernel.reshape(9 * cin, self.features)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
+class _Im2colVGG16Features(nn.Module):
+    """`models.lpips.VGG16Features` with `_PatchConv` in place of nn.Conv (same variable names)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        from vqlc_jax.models.lpips import VGG16_SLICES
+
+        outputs = []
+        for n, (channels, indices) in enumerate(VGG16_SLICES, start=1):
+            if n > 1:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            for i in indices:
+                x = nn.relu(_PatchConv(channels, name=f"slice{n}_{i}")(x))
+            outputs.append(x)
+        return outputs
+
+
+class _Im2colLPIPS(nn.Module):
+    """`models.lpips.LPIPS` (same variables, same values up to float rounding) with `_PatchConv` in the VGG trunk:
+    the change this benchmark proposes for `vqlc_jax/models/lpips.py`, NOT what the library runs today."""
+
+    @nn.compact
+    def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+        from vqlc_jax.models import lpips
+
+        feats = _Im2colVGG16Features(name="net")((jnp.concatenate([x0, x1]) - lpips.SHIFT) / lpips.SCALE)
+        total = 0.0
+        for k, f in enumerate(feats):
+            f0, f1 = jnp.split(lpips.normalize_tensor(f), 2)
+            total = total + jnp.mean(lpips.NetLinLayer(name=f"lin{k}")((f0 - f1) ** 2), axis=(1, 2, 3))
+        return total
+
+
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         jax.block_until_ready(fn())
@@ -99,14 +156,18 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[floa
     return times
 
 
-def bench_step(num_codes: int, use_gan: bool, args: argparse.Namespace, lpips_path: str) -> dict:
-    """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step."""
+def bench_step(num_codes: int, use_gan: bool, args: argparse.Namespace, lpips_path: str,
+               im2col_lpips: bool = False) -> dict:
+    """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step; with
+    `im2col_lpips`, the same step with `_Im2colLPIPS` in place of the library's LPIPS (the proposed fix)."""
     from vqlc_jax import parallel
     from vqlc_jax.train.steps import train_step
     from vqlc_jax.train.trainer import build_run
 
     config = make_config(num_codes, args.batch, args.codebook_dim, args.chunk_size, lpips_path)
     run = build_run(config)
+    if im2col_lpips:
+        run = dataclasses.replace(run, fns=dataclasses.replace(run.fns, lpips=_Im2colLPIPS().apply))
     state = run.init_state()
     rng = np.random.default_rng(args.seed)
     res = config.data.resolution
@@ -135,7 +196,7 @@ def bench_step(num_codes: int, use_gan: bool, args: argparse.Namespace, lpips_pa
         metrics = jax.device_get(one_step())
     if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite loss at N={num_codes}: {metrics}")
-    return dict(compile_s=compile_s, times=times, temp=temp, state=holder["state"], run=run)
+    return {"compile_s": compile_s, "times": times, "temp": temp, "state": holder["state"], "run": run}
 
 
 def bench_quantizer(run, state, args: argparse.Namespace) -> dict[str, float]:
@@ -190,11 +251,30 @@ def bench_quantizer(run, state, args: argparse.Namespace) -> dict[str, float]:
     }
     out = {}
     for name, (fn, fn_args) in parts.items():
-        out[name] = statistics.median(time_calls(lambda: fn(*fn_args), 1, args.repeats)) * 1e3
+        out[name] = statistics.median(time_calls(functools.partial(fn, *fn_args), 1, args.repeats)) * 1e3
     ref = np.asarray(parts["search (nearest_codes, chunked)"][0](flat, table)[0])
     alt = np.asarray(parts["alt. search: |e|^2 - 2 z.e matmul + argmin"][0](flat, table))
     out["alt. search agrees"] = float(np.mean(ref == alt))
     return out
+
+
+def bench_lpips(run, args: argparse.Namespace) -> tuple[dict[str, float], float]:
+    """Median ms of LPIPS forward + gradient w.r.t. the reconstruction (what the step needs), library vs proposal,
+    and the largest relative difference between the two (value and gradient)."""
+    res = run.config.data.resolution
+    rng = np.random.default_rng(args.seed)
+    x = jnp.asarray(rng.uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32))
+    y = jnp.asarray(rng.uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32))
+    out, grads = {}, {}
+    for name, apply in (("library (models.lpips.LPIPS)", run.fns.lpips),
+                        ("proposed: im2col for 2x2 maps", _Im2colLPIPS().apply)):
+        fn = jax.jit(jax.value_and_grad(lambda v, a, b, apply=apply: jnp.mean(apply(v, a, b)), argnums=2))
+        call = functools.partial(fn, run.lpips_vars, x, y)
+        out[name] = statistics.median(time_calls(call, 1, args.repeats)) * 1e3
+        grads[name] = fn(run.lpips_vars, x, y)
+    (v0, g0), (v1, g1) = grads.values()
+    rel = max(float(abs(v1 - v0) / abs(v0)), float(jnp.max(jnp.abs(g1 - g0)) / jnp.max(jnp.abs(g0))))
+    return out, rel
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -207,13 +287,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per breakdown part (median)")
     parser.add_argument("--no-gan", action="store_true", help="skip the GAN-on rows")
+    parser.add_argument("--no-proposal", action="store_true",
+                        help="skip the rows with the proposed LPIPS fix (im2col for maps smaller than the kernel)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip timing the quantizer's parts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: N=4096, 1 warm-up, 2 timed steps, no GAN row, no breakdown")
+                        help="smoke run: N=4096, 1 warm-up, 2 timed steps, only the no-GAN row, no breakdown")
     args = parser.parse_args(argv)
     if args.quick:
-        args.codes, args.warmup, args.steps, args.no_gan, args.no_breakdown = [4096], 1, 2, True, True
+        args.codes, args.warmup, args.steps, args.repeats = [4096], 1, 2, 2
+        args.no_gan = args.no_proposal = args.no_breakdown = True
     return args
 
 
@@ -227,27 +310,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     ddconfig, embed_dim = tiny_model_config()
     print(f"jax {jax.__version__}, {jax.device_count()} device(s): {device.platform} ({device.device_kind}), "
           f"{os.cpu_count()} CPU cores visible; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"tiny_linear ddconfig (res {ddconfig['resolution']}, ch {ddconfig['ch']}, ch_mult {list(ddconfig['ch_mult'])},"
-          f" z_channels {ddconfig['z_channels']}), D'={embed_dim}, batch {args.batch}, codebook dim "
-          f"{args.codebook_dim}, chunk {args.chunk_size}; warm-up {args.warmup}, timed steps {args.steps}.")
+    print(f"tiny_linear ddconfig (res {ddconfig['resolution']}, ch {ddconfig['ch']}, "
+          f"ch_mult {list(ddconfig['ch_mult'])}, z_channels {ddconfig['z_channels']}), D'={embed_dim}, "
+          f"batch {args.batch}, codebook dim {args.codebook_dim}, chunk {args.chunk_size}; warm-up {args.warmup}, "
+          f"timed steps {args.steps}.")
     print("Random LPIPS weights and a Gaussian codebook (speed only; loss values are meaningless).\n")
 
-    rows, breakdowns = [], {}
+    rows, breakdowns, lpips_times = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
         lpips_path = str(pathlib.Path(tmp) / "lpips_random.npz")
         write_random_lpips(pathlib.Path(lpips_path))
+        variants = [(False, False)]  # (use_gan, im2col_lpips)
+        variants += [] if args.no_proposal else [(False, True)]
+        variants += [] if args.no_gan else [(True, False)]
         for num_codes in args.codes:
-            for use_gan in (False,) if args.no_gan else (False, True):
-                result = bench_step(num_codes, use_gan, args, lpips_path)
+            for use_gan, im2col in variants:
+                result = bench_step(num_codes, use_gan, args, lpips_path, im2col_lpips=im2col)
                 median = statistics.median(result["times"])
-                rows.append(dict(codes=num_codes, gan=use_gan, compile_s=result["compile_s"], median=median,
-                                 spread=(min(result["times"]), max(result["times"])), temp=result["temp"]))
+                rows.append({"codes": num_codes, "gan": use_gan, "im2col": im2col, "compile_s": result["compile_s"],
+                             "median": median, "spread": (min(result["times"]), max(result["times"])),
+                             "temp": result["temp"]})
                 r = rows[-1]
-                print(f"  N={num_codes:,} gan={use_gan}: compile {r['compile_s']:.1f} s, step median "
-                      f"{median * 1e3:,.0f} ms (min {r['spread'][0] * 1e3:,.0f}, max {r['spread'][1] * 1e3:,.0f})",
-                      flush=True)
-                if not use_gan and not args.no_breakdown:
+                print(f"  N={num_codes:,} gan={use_gan} im2col_lpips={im2col}: compile {r['compile_s']:.1f} s, step "
+                      f"median {median * 1e3:,.0f} ms (min {r['spread'][0] * 1e3:,.0f}, max "
+                      f"{r['spread'][1] * 1e3:,.0f})", flush=True)
+                if not use_gan and not im2col and not args.no_breakdown:
                     breakdowns[num_codes] = bench_quantizer(result["run"], result["state"], args)
+                    if lpips_times is None:
+                        lpips_times = bench_lpips(result["run"], args)
                 del result
 
     print("\n| N codes | step | ours images/s | release images/s (torch 2.13 CPU, 2 threads) | ours / release "
@@ -258,7 +348,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         official = OFFICIAL_IMAGES_PER_SEC.get(r["codes"]) if not r["gan"] and args.batch == 16 else None
         official_s = f"{official:.1f}" if official else "not measured"
         ratio = f"{ours / official:.2f}x" if official else "-"
-        kind = "generator + GAN (D update, adaptive weight)" if r["gan"] else "generator (no GAN)"
+        kind = ("generator + GAN (D update, adaptive weight), for information" if r["gan"] else
+                "generator (no GAN), LPIPS with im2col for 2x2 maps [proposed fix, not in the library]" if r["im2col"]
+                else "generator (no GAN)")
+        official = None if r["im2col"] else official
+        official_s = f"{official:.1f}" if official else "-"
+        ratio = f"{ours / official:.2f}x" if official else "-"
         print(f"| {r['codes']:,} | {kind} | {ours:.2f} | {official_s} | {ratio} | {r['median'] * 1e3:,.0f} | "
               f"{r['spread'][0] * 1e3:,.0f}-{r['spread'][1] * 1e3:,.0f} | {r['compile_s']:.1f} | {_mb(r['temp'])} |")
     print("\nRelease numbers: measured by the team, torch 2.13 CPU 2 threads, same configuration "
@@ -274,10 +369,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("|---|" + "---:|" * len(breakdowns))
         for name in names:
             print(f"| {name} | " + " | ".join(f"{b[name]:,.1f}" for b in breakdowns.values()) + " |")
-        steps = {r["codes"]: r["median"] for r in rows if not r["gan"]}
-        print("| whole no-GAN step | " + " | ".join(f"{steps[n] * 1e3:,.1f}" for n in breakdowns) + " |")
+        for im2col, label in ((False, "whole no-GAN step"), (True, "whole no-GAN step, proposed LPIPS fix")):
+            steps = {r["codes"]: r["median"] for r in rows if not r["gan"] and r["im2col"] == im2col}
+            if all(n in steps for n in breakdowns):
+                print(f"| {label} | " + " | ".join(f"{steps[n] * 1e3:,.1f}" for n in breakdowns) + " |")
         print("| alt. search: same indices | " + " | ".join(f"{b['alt. search agrees']:.2%}"
                                                        for b in breakdowns.values()) + " |")
+    if lpips_times:
+        print(f"\nLPIPS forward + gradient w.r.t. the reconstruction, batch {args.batch} at "
+              f"{ddconfig['resolution']} px (independent of N; ms, median of {args.repeats}):\n")
+        print("| LPIPS | ms |\n|---|---:|")
+        times, rel = lpips_times
+        for name, ms in times.items():
+            print(f"| {name} | {ms:,.1f} |")
+        print(f"\nProposal vs library: largest relative difference of LPIPS value and gradient {rel:.1e}.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""Codebook utilization vs codebook size for vq, fc, ema and lc (the paper's Table 1 pattern) on the bundled photos.
+
+Every (method, size) run trains with `train_and_evaluate` from one shared config (configs/sweeps/utilization.py:
+same encoder, decoder, data, steps and seed; GAN off), then the table reports, on the whole validation split,
+utilization (share of the N codes used at least once), perplexity, PSNR, SSIM and LPIPS, next to the utilization's
+hard bound min(1, tokens / N) (a split of T tokens cannot use more than T codes), and the utilization over the
+training tokens of the last full epoch. lc's frozen codebooks are built first from the train split's pixel-patch
+features with the project's codebook pipeline (`vqlc_jax.codebook.build`). Every run starts from scratch in
+`WORKDIR/runs/<method>-<N>`; results go to WORKDIR/utilization_sweep.json and .md (also printed).
+
+    nice -n 5 python benchmarks/utilization_sweep.py                  # 4 methods x N in {1024, 16384, 100000}
+    python benchmarks/utilization_sweep.py --quick                    # 1-2 minute smoke run
+    python benchmarks/utilization_sweep.py --methods lc vq --sizes 100000 --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import math
+import pathlib
+import shutil
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP_CONFIG = PROJECT_ROOT / "configs" / "sweeps" / "utilization.py"
+METHODS = ("vq", "fc", "ema", "lc")
+PAPER = "paper (ImageNet, 50K val images x 256 tokens = 12.8M tokens), 16,384 -> 100,000 codes: " \
+        "vq 3.4% -> 0.5%, fc 11.2% -> 1.9%, ema 83.2% -> 24.2%, lc 99.9% at both"
+
+
+def load_sweep(quick: bool) -> ml_collections.ConfigDict:
+    """configs/sweeps/utilization.py (variant `quick` when asked)."""
+    spec = importlib.util.spec_from_file_location(SWEEP_CONFIG.stem, SWEEP_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("quick" if quick else None)
+
+
+def set_steps(train: ml_collections.ConfigDict, steps: int) -> None:
+    """`steps` of training, evaluated and checkpointed once at the end, the GAN never started."""
+    train.total_steps = train.eval_every_steps = train.checkpoint_every_steps = train.loss.disc_start = steps
+    train.optimizer.warmup_steps = min(train.optimizer.warmup_steps, steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# lc codebooks
+# ----------------------------------------------------------------------------------------------------------------------
+def build_codebook(config: ml_collections.ConfigDict, num_codes: int, rows_per_code: int,
+                   directory: pathlib.Path) -> dict[str, Any]:
+    """Builds directory/codebook.npy [num_codes, D] from the train split's features: `vqlc_jax.codebook.build`
+    (extract, then global k-means) when the features hold >= rows_per_code rows per code, else a random selection
+    of distinct feature rows (identical rows, e.g. flat or saturated patches, would be codes no search can pick:
+    ties go to the lowest index). Returns what the table notes need."""
+    from vqlc_jax.codebook import build, extract
+    from vqlc_jax.codebook.kmeans import codebook_from_features, save_codebook
+
+    start = time.perf_counter()
+    config = copy.deepcopy(config)
+    config.codebook.update(mode="global", k=num_codes)
+    manifest = build.build(config, directory, "extract")
+    shards, _, _ = extract.open_features(directory / extract.FEATURES_DIR)
+    rows = np.asarray(shards.read(np.arange(shards.num_rows)), np.float32)
+    distinct = np.unique(rows, axis=0)
+    if len(rows) >= rows_per_code * num_codes:
+        config.codebook.method = "kmeans"
+        build.build(config, directory, "cluster")
+        method = (f"k-means ({config.kmeans.num_steps} steps of {config.kmeans.batch_size}, init "
+                  f"{config.kmeans.init})")
+    else:
+        centres = codebook_from_features(distinct, num_codes, "random_selection", seed=config.kmeans.seed)
+        save_codebook(directory, centres, {"method": "random_selection of distinct rows", "extractor":
+                                           manifest["extractor"], "dataset": manifest["dataset"]})
+        method = "random selection of distinct rows"
+    codebook = np.load(directory / "codebook.npy")
+    return {"num_codes": num_codes, "path": str(directory / "codebook.npy"), "method": method,
+            "feature_rows": len(rows), "distinct_feature_rows": len(distinct),
+            "distinct_codes": len(np.unique(codebook, axis=0)), "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------------------------
+def run_config(sweep: ml_collections.ConfigDict, method: str, num_codes: int,
+               codebook_path: str | None) -> ml_collections.ConfigDict:
+    """The trainer config of one run: the shared `train` config with this quantizer."""
+    config = copy.deepcopy(sweep.train)
+    chunk_size = min(num_codes, sweep.max_chunk_size)
+    if method == "lc":
+        config.model.quantizer.update(num_codes=num_codes, chunk_size=chunk_size)
+        config.codebook_path, config.codebook_init = codebook_path, "file"
+    else:
+        config.model.quantizer = {"name": method, "num_codes": num_codes, "chunk_size": chunk_size,
+                                  **sweep.quantizers[method].to_dict()}
+    return config
+
+
+def _usage(counts: np.ndarray) -> dict[str, float]:
+    """Utilization, perplexity, tokens counted and the utilization bound min(1, tokens / N) of per-code counts."""
+    from vqlc_jax.quantizers import perplexity, utilization
+
+    tokens = int(counts.sum())
+    return {"utilization": float(utilization(counts)), "perplexity": float(perplexity(counts)), "tokens": tokens,
+            "bound": min(1.0, tokens / len(counts)), "uniform": -math.expm1(-tokens / len(counts))}
+
+
+def train_run(config: ml_collections.ConfigDict, method: str, workdir: pathlib.Path) -> dict[str, Any]:
+    """Trains and evaluates one run from scratch; its row of the table."""
+    from vqlc_jax.train.trainer import train_and_evaluate
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    start = time.perf_counter()
+    result = train_and_evaluate(config, workdir)
+    wall = time.perf_counter() - start
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [line for line in lines if "epoch" in line]
+    rates = [line["steps_per_sec"] for line in lines if "steps_per_sec" in line][1:]  # [0] holds the compilation
+    return {
+        "method": method, "num_codes": config.model.quantizer.num_codes, "status": result["status"],
+        "steps": config.total_steps, "wall_s": wall, "steps_per_sec": float(np.mean(rates)) if rates else None,
+        "val": {**_usage(np.load(workdir / "eval_code_counts.npy")), "images": int(result["eval/num_images"])},
+        "train_last_epoch": ({**_usage(np.load(workdir / "epoch_code_counts.npy")), "epoch": epochs[-1]["epoch"],
+                              "last_step": epochs[-1]["step"]} if epochs else None),
+        "psnr": result["eval/psnr"], "ssim": result["eval/ssim"], "lpips": result.get("eval/lpips"),
+        "eval": {k: v for k, v in result.items() if k.startswith("eval/")},
+        "final_train_metrics": {k: v for k, v in result.items() if not k.startswith("eval/")},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}" if x >= 0.001 else f"{100 * x:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table and its notes."""
+    s = report["settings"]
+    head = ("| method | N | val util % | val bound % | util / bound | val perplexity | train util %, last epoch "
+            "(bound %) | PSNR | SSIM | LPIPS | steps | wall s |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in report["runs"]:
+        v, t = r["val"], r["train_last_epoch"]
+        train = f"{_pct(t['utilization'])} ({_pct(t['bound'])})" if t else "n/a (no full epoch)"
+        lpips = f"{r['lpips']:.4f}" if r["lpips"] is not None else "n/a"
+        lines.append(f"| {r['method']} | {r['num_codes']:,} | {_pct(v['utilization'])} | {_pct(v['bound'])} | "
+                     f"{v['utilization'] / v['bound']:.3f} | {v['perplexity']:,.1f} | {train} | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.4f} | {lpips} | {r['steps']} | {r['wall_s']:.0f} |")
+    val = report["runs"][0]["val"] if report["runs"] else None
+    first_epoch = next((r["train_last_epoch"] for r in report["runs"] if r["train_last_epoch"]), None)
+    notes = [
+        "",
+        f"Setup: {s['model']}; batch {s['batch_size']}, {s['steps']} steps, lr {s['lr']} (warm-up "
+        f"{s['warmup_steps']}, cosine), seed {s['seed']}, same data order for every run; GAN off (disc_start = "
+        f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Baselines' own options: "
+        f"{s['quantizers']}.",
+        "Utilization = share of the N codes used at least once. val: encoding the whole validation split"
+        + (f" ({val['images']} images x {val['tokens'] // val['images']} tokens = {val['tokens']:,} tokens)"
+           if val else "")
+        + "; val bound = min(1, tokens / N), which no tokenizer can exceed (a perfectly even i.i.d. use of the "
+          "codes would give 1 - exp(-tokens / N)); util / bound = val util / val bound. Train, last epoch: codes "
+          "used by the training batches of the last full epoch"
+        + (f" ({first_epoch['tokens']:,} tokens, the model still training)" if first_epoch else "")
+        + ". The paper counts 12.8M validation tokens, >> 100,000 codes; here the bound, not the tokenizer, "
+          "caps utilization at large N.",
+        f"LPIPS: {s['lpips']}",
+        "lc codebooks (from the bundled train split, pixel-patch features, " + s["codebook_features"] + "): "
+        + "; ".join(f"N={c['num_codes']:,}: {c['method']}, {c['feature_rows']:,} rows ({c['distinct_feature_rows']:,}"
+                    f" distinct), {c['distinct_codes']:,} distinct codes, {c['seconds']:.0f} s"
+                    for c in report["codebooks"])
+        + (". " if report["codebooks"] else "none. ") + "lc: linear projector, frozen codebook.",
+        f"Reference, {PAPER}.",
+        f"Wall time: {report['total_wall_s'] / 60:.1f} min in all (codebooks {report['codebook_wall_s']:.0f} s); "
+        f"wall s per run includes compilation and the evaluation. {report['machine']}.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def settings(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The shared settings, for the JSON and the notes."""
+    t, cb = sweep.train, sweep.codebook
+    dd = t.model.ddconfig
+    lpips = (f"with weights {t.loss.lpips_path}" if t.loss.lpips_path else
+             "n/a: no converted LPIPS (VGG16) weights on this machine (train.loss.lpips_path unset), so it is not "
+             "evaluated, and the runs trained without the LPIPS loss.")
+    side = t.data.resolution // 2 ** (len(dd.ch_mult) - 1)
+    return {
+        "model": f"{t.data.resolution} px bundled photos, ch {dd.ch}, ch_mult {tuple(dd.ch_mult)}, "
+                 f"{dd.num_res_blocks} res block(s), {side}x{side} = {side * side} tokens per image, "
+                 f"D' = {t.model.embed_dim}",
+        "batch_size": t.global_batch_size, "steps": t.total_steps, "lr": t.optimizer.lr,
+        "warmup_steps": t.optimizer.warmup_steps, "seed": t.seed, "quant_weight": t.loss.quant_weight,
+        "quantizers": {k: v.to_dict() for k, v in sweep.quantizers.items()}, "lpips": lpips,
+        "codebook_features": f"{cb.extractor.patch_size}x{cb.extractor.patch_size} patches at {cb.data.resolution} "
+                             f"px, pool {cb.extractor.pool}, k-means when >= {sweep.kmeans_rows_per_code} rows "
+                             "per code",
+        "train_config": t.to_dict(), "codebook_config": cb.to_dict(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", help="codebook sizes (default: the config's)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="quantizers (default: all four)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/vqlc_utilization_sweep"))
+    parser.add_argument("--lpips-path", default="", help="converted LPIPS weights (.npz): evaluate (and train) with it")
+    parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run (tiny model, sizes, steps)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    sweep = load_sweep(args.quick)
+    sizes, methods = args.sizes or list(sweep.sizes), args.methods or list(sweep.methods)
+    if args.steps:
+        set_steps(sweep.train, args.steps)
+    if args.lpips_path:
+        sweep.train.loss.lpips_path = args.lpips_path
+    device = jax.devices()[0]
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{device.platform} ({device.device_kind}) x {jax.device_count()}",
+        "settings": settings(sweep), "codebooks": [], "runs": [], "paper": PAPER}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def save() -> None:
+        report["total_wall_s"] = time.perf_counter() - start
+        (args.workdir / "utilization_sweep.json").write_text(json.dumps(report, indent=1))
+
+    paths = {}
+    if "lc" in methods:
+        for n in sizes:
+            directory = args.workdir / "codebooks" / f"n{n}"
+            shutil.rmtree(directory, ignore_errors=True)
+            info = build_codebook(sweep.codebook, n, sweep.kmeans_rows_per_code, directory)
+            report["codebooks"].append(info)
+            paths[n] = info["path"]
+            print(f"codebook N={n:,}: {info['method']}, {info['distinct_codes']:,} distinct codes, "
+                  f"{info['seconds']:.0f} s", flush=True)
+    report["codebook_wall_s"] = time.perf_counter() - start
+    save()
+    for n in sizes:
+        for method in methods:
+            config = run_config(sweep, method, n, paths.get(n))
+            row = train_run(config, method, args.workdir / "runs" / f"{method}-{n}")
+            report["runs"].append(row)
+            save()
+            print(f"{method} N={n:,}: val util {_pct(row['val']['utilization'])}% (bound "
+                  f"{_pct(row['val']['bound'])}%), PSNR {row['psnr']:.2f}, {row['wall_s']:.0f} s "
+                  f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
+    save()
+    table = markdown(report)
+    (args.workdir / "utilization_sweep.md").write_text(table)
+    print("\n" + table)
+    print(f"Wrote {args.workdir / 'utilization_sweep.json'} and {args.workdir / 'utilization_sweep.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
