@@ -2,12 +2,14 @@
 fake trainer, and one real 2-step run of `configs/demo.py:smoke` whose tokenizer and counts then feed the CLI
 tools: t-SNE and token replacement are tested on what the trainer produced)."""
 
+import itertools
 import json
 import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
+import threadpoolctl
 from conftest import PROJECT_ROOT
 
 from vqlc_jax.analysis import replacement, sweeps, tsne, usage
@@ -15,6 +17,16 @@ from vqlc_jax.analysis.__main__ import main as cli
 
 SMOKE = str(PROJECT_ROOT / "configs" / "demo.py:smoke")
 SWEEP_CONFIGS = ("codebook_size", "codebook_init", "projected_dim", "codebook_training")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_openmp_thread():
+    """scikit-learn's t-SNE runs OpenMP threads: on a busy machine, spinning them up costs seconds for 40 points.
+    threadpoolctl limits the libraries already loaded, hence the import first."""
+    import sklearn.manifold  # noqa: F401
+
+    with threadpoolctl.threadpool_limits(1):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,25 +241,35 @@ def test_run_sweep_builds_codebooks_once_trains_and_collects(tmp_path):
     calls = {"train": [], "build": []}
     status = {"vq": "done"}
 
-    def fake_build(config, directory):
-        calls["build"].append((config.codebook.k, directory.name))
-        directory.mkdir(parents=True)
-        np.save(directory / "codebook.npy", np.zeros((config.codebook.k, 48), np.float32))
+    def fake_build(config, directory, stage):
+        calls["build"].append((stage, config.codebook.k, directory.name))
+        if stage == "extract":
+            (directory / "features").mkdir(parents=True, exist_ok=True)
+        else:
+            assert (directory / "features").resolve() == (codebooks / features / "features").resolve()
+            np.save(directory / "codebook.npy", np.zeros((config.codebook.k, 48), np.float32))
 
     def fake_train(config, workdir):
         calls["train"].append((workdir.name, config.model.quantizer.num_codes, config.codebook_path))
         return {"status": status.get(workdir.name, "done"), "step": 2, "loss": 1.0, "eval/psnr": 20.0,
                 "eval/utilization": config.model.quantizer.num_codes / 100, "eval/ssim": 0.5}
 
+    codebooks = tmp_path / "codebooks"
+    # Codebooks that differ in k (clustering) only share the base config's features.
+    features = sweeps.features_dir(tmp_path, sweeps.load_config_file(sweeps.resolve("configs/codebook/demo.py"))).name
     sweep = make_sweep([dict(overrides={"model.quantizer.num_codes": 16}, codebook={"codebook.k": 16}),
                         dict(name="again16", overrides={"model.quantizer.num_codes": 16}, codebook={"codebook.k": 16}),
+                        dict(name="k8", overrides={"model.quantizer.num_codes": 8}, codebook={"codebook.k": 8}),
                         dict(name="vq", overrides={"model.quantizer": {"name": "vq", "num_codes": 8}})],
                        codebook_base="configs/codebook/demo.py")
     rows = sweeps.run_sweep(sweep, tmp_path, overrides={"total_steps": 2}, train_fn=fake_train, build_fn=fake_build)
-    (built,) = calls["build"]  # one build serves both runs with codebook.k=16
-    assert built[0] == 16 and built[1].startswith("k=16-")
-    codebook = str(tmp_path / "codebooks" / built[1] / "codebook.npy")
-    assert calls["train"] == [("num_codes=16", 16, codebook), ("again16", 16, codebook), ("vq", 8, "")]
+    assert [(stage, k) for stage, k, _ in calls["build"]] == [("extract", 16), ("cluster", 16), ("extract", 8),
+                                                              ("cluster", 8)]  # no build for "again16"
+    assert calls["build"][0][2] == calls["build"][2][2] == features
+    k16, k8 = (codebooks / calls["build"][i][2] / "codebook.npy" for i in (1, 3))
+    assert k16.parent.name.startswith("k=16-") and k8.parent.name.startswith("k=8-")
+    assert calls["train"] == [("num_codes=16", 16, str(k16)), ("again16", 16, str(k16)), ("k8", 8, str(k8)),
+                              ("vq", 8, "")]
     assert rows[0] == {"run": "num_codes=16", "model.quantizer.num_codes": 16, "codebook:codebook.k": 16,
                        "status": "done", "step": 2, "utilization": 0.16, "psnr": 20.0, "ssim": 0.5}
     result = json.loads((tmp_path / "vq" / sweeps.RESULT_FILE).read_text())
@@ -259,13 +281,13 @@ def test_run_sweep_builds_codebooks_once_trains_and_collects(tmp_path):
     # Finished runs are skipped; a run without results is missing; a preempted run stops the sweep and is resumed.
     (tmp_path / "vq" / sweeps.RESULT_FILE).unlink()
     rows = sweeps.collect(sweeps.plan(sweep), tmp_path)
-    assert rows[2] == {"run": "vq", "model.quantizer": {"name": "vq", "num_codes": 8}, "status": "missing"}
+    assert rows[3] == {"run": "vq", "model.quantizer": {"name": "vq", "num_codes": 8}, "status": "missing"}
     assert "| vq | n/a | n/a | missing |" in sweeps.sweep_markdown("test sweep", rows)
     status["vq"] = "preempted"
-    assert sweeps.run_sweep(sweep, tmp_path, train_fn=fake_train, build_fn=fake_build)[2]["status"] == "preempted"
+    assert sweeps.run_sweep(sweep, tmp_path, train_fn=fake_train, build_fn=fake_build)[3]["status"] == "preempted"
     status["vq"] = "done"
-    assert sweeps.run_sweep(sweep, tmp_path, train_fn=fake_train, build_fn=fake_build)[2]["status"] == "done"
-    assert [name for name, _, _ in calls["train"][3:]] == ["vq", "vq"] and len(calls["build"]) == 1
+    assert sweeps.run_sweep(sweep, tmp_path, train_fn=fake_train, build_fn=fake_build)[3]["status"] == "done"
+    assert [name for name, _, _ in calls["train"][4:]] == ["vq", "vq"] and len(calls["build"]) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -331,7 +353,7 @@ def test_cli_replacement_on_the_real_run(trained, tmp_path):
     # plain reconstruction as M grows. A 2-step decoder's output barely depends on its input, so PSNR against the
     # originals has no trend yet: the drift is measured against the M = 1 reconstruction.
     distance = [row["code_distance"] for row in rows]
-    assert all(a <= b for a, b in zip(distance, distance[1:])) and distance[-1] > distance[1]
+    assert all(a <= b for a, b in itertools.pairwise(distance)) and distance[-1] > distance[1]
     mse = np.array([row["mse_to_reconstruction"] for row in rows])
     assert (mse[1:] > 0).all() and mse[-1] == mse.max()
     spearman = np.corrcoef(np.arange(len(ranks)), np.argsort(np.argsort(mse)))[0, 1]

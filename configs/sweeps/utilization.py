@@ -1,7 +1,7 @@
 """Shared settings of `benchmarks/utilization_sweep.py` (codebook utilization of vq, fc, ema and lc vs codebook size,
 the paper's Table 1 pattern); read by that script, not by `vqlc_jax.analysis`.
 
-    nice -n 5 python benchmarks/utilization_sweep.py [--config configs/sweeps/utilization.py] [--quick]
+    nice -n 5 python benchmarks/utilization_sweep.py [--quick]   # --quick: this file's variant `quick`
 
 `train`: the trainer config of every run: configs/demo.py's model and data (bundled photos at 32 px, ch 32,
 ch_mult (1, 2, 2), 8x8 = 64 tokens per image, D' = 8, batch 16, seed 0), 300 steps, evaluated once at the end on
@@ -13,7 +13,7 @@ configs/demo.py's (linear projector, 48-d codebook).
 un-pooled 4x4-pixel patches (256 48-d vectors per crop, ~350K rows, ~243K distinct; 32 px gives only ~61K distinct
 rows). k-means (k random rows as init) where the features hold >= `kmeans_rows_per_code` rows per code, else
 `random_selection` of distinct rows (the paper's Table 6: nearly as good as k-means for LC).
-Variant `quick`: a 1-2 minute smoke run (16 px model, sizes 16 and 256, 10 steps, 32 validation images).
+Variant `quick`: a 1-2 minute smoke run (16 px model, N = 256, 10 steps, 32 validation images).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     codebook.kmeans.update(init="random", batch_size=4_096, num_steps=300, log_every=100)
 
     if arg == "quick":
-        c.sizes = (16, 256)
+        c.sizes = (256,)  # 16 rows per code: the random-selection path (k-means runs in the full sweep)
         train.total_steps = train.eval_every_steps = train.checkpoint_every_steps = train.loss.disc_start = 10
         train.log_every_steps = 5
         train.global_batch_size = 8

@@ -63,7 +63,7 @@ def curve_cmd(args: argparse.Namespace) -> None:
             "runs": {label: {"path": str(path), "x": curves[label].x, "y": curves[label].y} for label, path in args.run}}
     header = f"{args.metric} (%)" if scale != 1.0 else args.metric
     report.write_report(args.output, name, data, f"## {header} per {args.per}\n\n"
-                        + report.markdown_table([args.per, *curves], rows))
+                        + report.markdown_table(["epoch" if args.per == "epoch" else "step", *curves], rows))
     plots.plot_curves(curves, args.output / f"{name}.png", metric=args.metric, per=args.per)
 
 
@@ -73,7 +73,8 @@ def heatmap_cmd(args: argparse.Namespace) -> None:
     counts = usage.load_counts(args.counts)
     grid = usage.frequency_grid(counts, sort=args.sort)
     summary = usage.usage_summary(counts)
-    data = {"counts": str(args.counts), "sorted": args.sort, "grid_shape": grid.shape, **summary}
+    data = {"counts": str(args.counts), "sorted": args.sort, "grid_shape": grid.shape,
+            "cell": "a code's share of all tokens, row-major", **summary}
     report.write_report(args.output, "heatmap", data, f"## codebook usage of {args.counts}\n\n"
                         + report.markdown_table(list(summary), [list(summary.values())]))
     order = "sorted by frequency" if args.sort else "code-index order"
@@ -108,7 +109,8 @@ def replace_cmd(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.tokenizer)
     rows = replacement.token_replacement(tok, replacement.eval_batches(config.data, config.batch_size), args.ranks,
                                          chunk_size=args.chunk_size)
-    data = {"tokenizer": str(args.tokenizer), "data": config.data.to_dict(), "rows": rows}
+    data = {"tokenizer": str(args.tokenizer), "data": config.data.to_dict(), "M": replacement.RANK_DEFINITION,
+            "rows": rows}
     headers = list(rows[0])
     report.write_report(args.output, "replacement", data, "## token replacement by the M-th nearest code\n\n"
                         + report.markdown_table(headers, [[row[h] for h in headers] for row in rows]))

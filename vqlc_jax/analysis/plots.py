@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
 from vqlc_jax.analysis.tsne import TSNEResult
 from vqlc_jax.analysis.usage import Curve
@@ -14,7 +16,12 @@ from vqlc_jax.analysis.usage import Curve
 DPI = 150
 
 
-def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
+def _figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure with constrained layout (labels never overlap)."""
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
@@ -23,9 +30,7 @@ def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
 
 def plot_curves(curves: Mapping[str, Curve], path: str | pathlib.Path, *, metric: str, per: str) -> pathlib.Path:
     """One line per run: `metric` (utilization in %) against epochs completed or steps (Figure 3, left)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.5))
+    fig = _figure(5, 3.5)
     ax = fig.subplots()
     scale = 100.0 if metric == "utilization" else 1.0
     for label, c in curves.items():
@@ -39,10 +44,7 @@ def plot_curves(curves: Mapping[str, Curve], path: str | pathlib.Path, *, metric
 
 def plot_heatmap(grid: np.ndarray, path: str | pathlib.Path, *, title: str = "") -> pathlib.Path:
     """Per-code frequencies on a log colour scale, unused codes (0) in grey, cells past N blank (Figure 3, right)."""
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 4.5))
+    fig = _figure(5, 4.5)
     ax = fig.subplots()
     used = np.where(grid > 0, grid, np.nan)
     ax.imshow(np.where(grid == 0, 1.0, np.nan), cmap="Greys", vmin=0, vmax=2, interpolation="nearest")
@@ -57,9 +59,7 @@ def plot_heatmap(grid: np.ndarray, path: str | pathlib.Path, *, title: str = "")
 
 def plot_tsne(result: TSNEResult, path: str | pathlib.Path) -> pathlib.Path:
     """The sampled codes' t-SNE embedding, active and inactive codes in two colours (Figure 4)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5))
+    fig = _figure(5, 5)
     ax = fig.subplots()
     for mask, colour, label in ((~result.active, "tab:red", "inactive"), (result.active, "tab:blue", "active")):
         ax.scatter(result.points[mask, 0], result.points[mask, 1], s=4, c=colour,
@@ -71,9 +71,7 @@ def plot_tsne(result: TSNEResult, path: str | pathlib.Path) -> pathlib.Path:
 
 def plot_replacement(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> pathlib.Path:
     """PSNR and SSIM against the originals as functions of M (log axis) (Figure 5)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 3.2))
+    fig = _figure(8, 3.2)
     ranks = [row["rank"] for row in rows]
     for ax, key, label in zip(fig.subplots(1, 2), ("psnr", "ssim"), ("PSNR (dB)", "SSIM")):
         ax.plot(ranks, [row[key] for row in rows], marker="o")
@@ -86,9 +84,7 @@ def plot_replacement(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path, *, title: str) -> pathlib.Path:
     """Bars per run of utilization (%) and PSNR; runs without results are left empty."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, 1.2 * len(rows)), 3.2))
+    fig = _figure(max(6.0, 1.2 * len(rows)), 3.2)
     names = [row["run"] for row in rows]
     for ax, key, label, scale in zip(fig.subplots(1, 2), ("utilization", "psnr"), ("utilization (%)", "PSNR (dB)"),
                                      (100.0, 1.0)):

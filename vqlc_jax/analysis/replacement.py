@@ -27,10 +27,12 @@ import numpy as np
 
 from vqlc_jax import metrics
 from vqlc_jax.analysis.tsne import projected_codebook
-from vqlc_jax.quantizers.search import DEFAULT_CHUNK_SIZE, _squared_l2
+from vqlc_jax.quantizers.search import DEFAULT_CHUNK_SIZE, squared_l2
 from vqlc_jax.tokenizer import Tokenizer
 
 DEFAULT_RANKS = (1, 50, 100, 1000)
+RANK_DEFINITION = ("M = 1: the token itself; M >= 2: the (M-1)-th nearest other code of the projected codebook "
+                   "(squared L2, ties to the lower index)")
 Batches = Callable[[], Iterable[np.ndarray]]  # each call: a fresh pass over image batches [B, H, W, C] in [-1, 1]
 
 
@@ -50,7 +52,7 @@ def _nearest_others(codebook: jax.Array, queries: jax.Array, *, k: int, chunk_si
         best_neg, best_idx = carry
         chunk, start = chunk_inputs
         idx = start + jnp.arange(chunk_size, dtype=jnp.int32)
-        dist = _squared_l2(vectors[:, None, :], chunk[None, :, :])
+        dist = squared_l2(vectors[:, None, :], chunk[None, :, :])
         dist = jnp.where(idx[None, :] == queries[:, None], jnp.inf, dist)
         # The running best (all from earlier chunks, so lower indices) comes first: top_k's lower-position-first
         # rule then breaks distance ties towards the lower code index.
@@ -85,11 +87,14 @@ def nearest_other_codes(codebook: np.ndarray, queries: np.ndarray, k: int, *, ch
     return indices, distances
 
 
+def _check_ranks(ranks: Sequence[int], num_codes: int) -> None:
+    if not ranks or any(not 1 <= m <= num_codes for m in ranks):
+        raise ValueError(f"ranks {list(ranks)} must be non-empty and lie in [1, {num_codes}] (N={num_codes} codes)")
+
+
 def rank_table(codebook: np.ndarray, codes: np.ndarray, ranks: Sequence[int], **search_options) -> np.ndarray:
     """int32 [U, len(ranks)]: column j holds the ranks[j]-th nearest code of each of `codes` [U] (1st = itself)."""
-    num_codes = np.shape(codebook)[0]
-    if not ranks or any(not 1 <= m <= num_codes for m in ranks):
-        raise ValueError(f"rank_table: ranks {list(ranks)} must be non-empty and lie in [1, {num_codes}]")
+    _check_ranks(ranks, np.shape(codebook)[0])
     codes = np.asarray(codes, np.int32)
     k = max(ranks) - 1
     others = nearest_other_codes(codebook, codes, k, **search_options)[0] if k else None
@@ -101,6 +106,7 @@ def token_replacement(tok: Tokenizer, batches: Batches, ranks: Sequence[int] = D
     """One row per M in `ranks`: rank, psnr, ssim, mse_to_reconstruction, code_distance (module docstring).
 
     `batches()` is called twice (encode, then replace and decode) and must yield the same images both times."""
+    _check_ranks(ranks, tok.num_codes)
     codebook = projected_codebook(tok)
     tokens = [np.asarray(tok.encode(images)) for images in batches()]
     if not tokens:

@@ -16,7 +16,9 @@ A sweep config (`configs/sweeps/<name>.py`, `get_config(variant)`, started with 
 
 `run_sweep(sweep, workdir)` does, for each run: build its codebook with `vqlc_jax.codebook.build.build` into
 `workdir/codebooks/<name>-<digest>` (one folder per distinct codebook config; skipped when its codebook.npy exists,
-delete the folder to rebuild), point `codebook_path` at it, train with `train_and_evaluate(config, workdir/<run>)`
+delete the folder to rebuild; the features are extracted once per distinct data/extractor/extract sections into
+`workdir/codebooks/features-<digest>`, which each codebook folder links as its `features`), point `codebook_path`
+at it, train with `train_and_evaluate(config, workdir/<run>)`
 (which resumes from the run's checkpoints), and write `workdir/<run>/sweep_result.json` (overrides and the returned
 final metrics). A run whose result says "done" is skipped; a run that comes back "preempted" (SIGTERM) stops the
 sweep, and the next invocation resumes it. `collect` reads those files back into rows: run name, the run's own
@@ -55,8 +57,10 @@ VARIANTS = {
 METRICS = (("utilization %", "eval/utilization", 100.0), ("perplexity", "eval/perplexity", 1.0),
            ("PSNR", "eval/psnr", 1.0), ("PSNR-Y", "eval/psnr_y", 1.0), ("SSIM", "eval/ssim", 1.0),
            ("LPIPS", "eval/lpips", 1.0), ("rFID", "eval/rfid", 1.0))
+# The codebook config's sections that decide its features (the rest only decides the clustering).
+FEATURE_SECTIONS = ("data", "extractor", "extract")
 TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, Any]]
-BuildFn = Callable[[ml_collections.ConfigDict, pathlib.Path], Any]
+BuildFn = Callable[[ml_collections.ConfigDict, pathlib.Path, str], Any]  # (config, workdir, stage) as build.build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,12 +168,35 @@ def plan(sweep: ml_collections.ConfigDict, *, overrides: Mapping[str, Any] | Non
     return runs
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def codebook_dir(workdir: pathlib.Path, run: SweepRun, codebook_base: str) -> pathlib.Path:
     """workdir/codebooks/<readable name of the run's codebook overrides>-<digest of the base and all overrides>."""
-    spec = json.dumps([codebook_base, run.codebook], sort_keys=True, default=str)
-    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
     readable = run_name(run.codebook_swept) if run.codebook_swept else "default"
-    return workdir / CODEBOOKS_DIR / f"{readable}-{digest}"
+    return workdir / CODEBOOKS_DIR / f"{readable}-{_digest([codebook_base, run.codebook])}"
+
+
+def features_dir(workdir: pathlib.Path, codebook_config: ml_collections.ConfigDict) -> pathlib.Path:
+    """workdir/codebooks/features-<digest of the config's FEATURE_SECTIONS>: shared by codebooks of the same
+    features."""
+    sections = {key: codebook_config[key].to_dict() for key in FEATURE_SECTIONS}
+    return workdir / CODEBOOKS_DIR / f"features-{_digest(sections)}"
+
+
+def build_codebook(config: ml_collections.ConfigDict, directory: pathlib.Path, features: pathlib.Path,
+                   build_fn: BuildFn) -> None:
+    """Extracts (or finishes extracting) the features into `features`, links them into `directory` and clusters
+    them there."""
+    from vqlc_jax.codebook.extract import FEATURES_DIR
+
+    build_fn(config, features, "extract")
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / FEATURES_DIR
+    if not link.is_symlink():
+        link.symlink_to(features / FEATURES_DIR, target_is_directory=True)
+    build_fn(config, directory, "cluster")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -198,8 +225,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             directory = codebook_dir(workdir, run, spec)
             if not (directory / CODEBOOK_FILE).is_file():
                 logging.info("Sweep %s: building codebook %s for run %s.", sweep.name, directory.name, run.name)
-                build_fn(apply_overrides(load_config_file(resolve(spec)), run.codebook,
-                                         source=f"{spec} (codebook of run {run.name})"), directory)
+                codebook = apply_overrides(load_config_file(resolve(spec)), run.codebook,
+                                           source=f"{spec} (codebook of run {run.name})")
+                build_codebook(codebook, directory, features_dir(workdir, codebook), build_fn)
             run_overrides.update(codebook_path=str(directory / CODEBOOK_FILE), codebook_init="file")
         config = apply_overrides(base, run_overrides, source=f"{sweep.base} (run {run.name})")
         logging.info("Sweep %s: training run %s in %s.", sweep.name, run.name, run_dir)

@@ -25,7 +25,7 @@ Array = jax.Array
 DEFAULT_CHUNK_SIZE = 16384
 
 
-def _squared_l2(a: Array, b: Array) -> Array:
+def squared_l2(a: Array, b: Array) -> Array:
     """sum_k (a[..., k] - b[..., k])^2 (broadcasting), added strictly left to right."""
     diff = a[..., 0] - b[..., 0]
     total = diff * diff
@@ -43,7 +43,7 @@ def _min_first(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, A
 
 def _chunk_nearest(z: Array, chunk: Array) -> tuple[Array, Array]:
     """(index int32 [T], distance [T]) of the nearest code in one chunk [C, D], lowest index on ties."""
-    dist = _squared_l2(z[:, None, :], chunk[None, :, :])
+    dist = squared_l2(z[:, None, :], chunk[None, :, :])
     best_dist, best_idx = jax.lax.reduce((dist, iota_like(dist, 1)), (jnp.inf, jnp.int32(0)), _min_first, (1,))
     return best_idx, best_dist
 
