@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        writer.write_hparams(_flat_config(config))
     metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
 
@@ -259,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             donate_argnums=(0,))
         for use_gan in (False, True)
     }
+    schedule = lr_schedule(config.optimizer, config.total_steps, config.optimizer.lr)
     preemption = preemption or _Preemption()
     pending: list[tuple[int, dict]] = []
     last: dict[str, Any] = {}
@@ -283,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     values = _window_means([m for _, m in pending])
                     counts = np.asarray(jax.device_get(state.window_counts))
                     values.update({f"window_{k}": v for k, v in _usage(counts).items()})
-                    values["lr"] = float(lr_schedule(config.optimizer, config.total_steps, config.optimizer.lr)(step))
+                    values["lr"] = float(schedule(step - 1))  # step s (from 1) applied update number s - 1
                     values["steps_per_sec"] = len(pending) / max(time.time() - window_start, 1e-9)
                     values["skipped_images"] = pipeline.skipped.count
                     state = state.replace(window_counts=jnp.zeros_like(state.window_counts))
