@@ -21,6 +21,7 @@ import datetime
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -126,6 +127,7 @@ def train_run(config: ml_collections.ConfigDict, method: str, workdir: pathlib.P
     return {
         "method": method, "num_codes": config.model.quantizer.num_codes, "status": result["status"],
         "steps": config.total_steps, "wall_s": wall, "steps_per_sec": float(np.mean(rates)) if rates else None,
+        "load_average_5min": os.getloadavg()[1],
         "val": {**_usage(np.load(workdir / "eval_code_counts.npy")), "images": int(result["eval/num_images"])},
         "train_last_epoch": ({**_usage(np.load(workdir / "epoch_code_counts.npy")), "epoch": epochs[-1]["epoch"],
                               "last_step": epochs[-1]["step"]} if epochs else None),
@@ -156,31 +158,34 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{v['utilization'] / v['bound']:.3f} | {v['perplexity']:,.1f} | {train} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {lpips} | {r['steps']} | {r['wall_s']:.0f} |")
     val = report["runs"][0]["val"] if report["runs"] else None
-    first_epoch = next((r["train_last_epoch"] for r in report["runs"] if r["train_last_epoch"]), None)
+    epoch = next((r["train_last_epoch"] for r in report["runs"] if r["train_last_epoch"]), None)
+    val_tokens = (f" ({val['images']} images x {val['tokens'] // val['images']} tokens = {val['tokens']:,})"
+                  if val else "")
+    epoch_tokens = f" ({epoch['tokens']:,} tokens, the model still training)" if epoch else ""
+    iid = ", ".join(f"{_pct(v['uniform'])}% at N={n:,}"
+                    for n, v in sorted({r["num_codes"]: r["val"] for r in report["runs"]}.items()))
+    codebooks = "; ".join(
+        f"N={c['num_codes']:,}: {c['method']}, {c['feature_rows']:,} rows ({c['distinct_feature_rows']:,} distinct), "
+        f"{c['distinct_codes']:,} distinct codes, {c['seconds']:.0f} s" for c in report["codebooks"]) or "none"
+    loads = [r["load_average_5min"] for r in report["runs"]]
+    load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
     notes = [
         "",
-        f"Setup: {s['model']}; batch {s['batch_size']}, {s['steps']} steps, lr {s['lr']} (warm-up "
-        f"{s['warmup_steps']}, cosine), seed {s['seed']}, same data order for every run; GAN off (disc_start = "
-        f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Baselines' own options: "
-        f"{s['quantizers']}.",
-        "Utilization = share of the N codes used at least once. val: encoding the whole validation split"
-        + (f" ({val['images']} images x {val['tokens'] // val['images']} tokens = {val['tokens']:,} tokens)"
-           if val else "")
-        + "; val bound = min(1, tokens / N), which no tokenizer can exceed (a perfectly even i.i.d. use of the "
-          "codes would give 1 - exp(-tokens / N)); util / bound = val util / val bound. Train, last epoch: codes "
-          "used by the training batches of the last full epoch"
-        + (f" ({first_epoch['tokens']:,} tokens, the model still training)" if first_epoch else "")
-        + ". The paper counts 12.8M validation tokens, >> 100,000 codes; here the bound, not the tokenizer, "
-          "caps utilization at large N.",
+        (f"Setup: {s['model']}; batch {s['batch_size']}, {s['steps']} steps, lr {s['lr']} (warm-up "
+         f"{s['warmup_steps']}, cosine), seed {s['seed']}, same data order for every run; GAN off (disc_start = "
+         f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Baselines' own options: "
+         f"{s['quantizers']}; lc: linear projector, frozen codebook."),
+        (f"Utilization = share of the N codes used at least once. val: encoding the whole validation split"
+         f"{val_tokens}; val bound = min(1, tokens / N), which no tokenizer can exceed; util / bound = val util / val "
+         f"bound. Train, last epoch: codes used by the training batches of the last full epoch{epoch_tokens}. The "
+         "paper counts 12.8M validation tokens (bound 100% at N = 100,000). Drawing every token i.i.d. uniformly "
+         f"from the N codes would use 1 - exp(-tokens / N) of them: {iid}."),
         f"LPIPS: {s['lpips']}",
-        "lc codebooks (from the bundled train split, pixel-patch features, " + s["codebook_features"] + "): "
-        + "; ".join(f"N={c['num_codes']:,}: {c['method']}, {c['feature_rows']:,} rows ({c['distinct_feature_rows']:,}"
-                    f" distinct), {c['distinct_codes']:,} distinct codes, {c['seconds']:.0f} s"
-                    for c in report["codebooks"])
-        + (". " if report["codebooks"] else "none. ") + "lc: linear projector, frozen codebook.",
+        f"lc codebooks (bundled train split, pixel-patch features: {s['codebook_features']}): {codebooks}.",
         f"Reference, {PAPER}.",
-        f"Wall time: {report['total_wall_s'] / 60:.1f} min in all (codebooks {report['codebook_wall_s']:.0f} s); "
-        f"wall s per run includes compilation and the evaluation. {report['machine']}.",
+        (f"Wall time: {report['total_wall_s'] / 60:.1f} min in all (codebooks {report['codebook_wall_s']:.0f} s); "
+         f"wall s per run includes compilation and the evaluation. {report['machine']}, {os.cpu_count()} cores; "
+         f"5-minute load average after the runs: {load}."),
     ]
     return "\n".join(lines + notes) + "\n"
 
