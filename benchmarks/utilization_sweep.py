@@ -34,8 +34,8 @@ import numpy as np
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = PROJECT_ROOT / "configs" / "sweeps" / "utilization.py"
 METHODS = ("vq", "fc", "ema", "lc")
-PAPER = "paper (ImageNet, 50K val images x 256 tokens = 12.8M tokens), 16,384 -> 100,000 codes: " \
-        "vq 3.4% -> 0.5%, fc 11.2% -> 1.9%, ema 83.2% -> 24.2%, lc 99.9% at both"
+PAPER = ("paper (ImageNet, 50K val images x 256 tokens = 12.8M tokens), 16,384 -> 100,000 codes: "
+         "vq 3.4% -> 0.5%, fc 11.2% -> 1.9%, ema 83.2% -> 24.2%, lc 99.9% at both")
 
 
 def load_sweep(quick: bool) -> ml_collections.ConfigDict:
@@ -105,7 +105,8 @@ def run_config(sweep: ml_collections.ConfigDict, method: str, num_codes: int,
 
 
 def _usage(counts: np.ndarray) -> dict[str, float]:
-    """Utilization, perplexity, tokens counted and the utilization bound min(1, tokens / N) of per-code counts."""
+    """Utilization, perplexity and tokens of per-code counts, with the utilization's bound min(1, tokens / N) and
+    its value 1 - exp(-tokens / N) under i.i.d. uniform use of the codes."""
     from vqlc_jax.quantizers import perplexity, utilization
 
     tokens = int(counts.sum())
@@ -175,7 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
          f"{s['warmup_steps']}, cosine), seed {s['seed']}, same data order for every run; GAN off (disc_start = "
          f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Baselines' own options: "
          f"{s['quantizers']}; lc: linear projector, frozen codebook."),
-        (f"Utilization = share of the N codes used at least once. val: encoding the whole validation split"
+        (f"Utilization = share of the N codes used at least once. val: encoding the validation split"
          f"{val_tokens}; val bound = min(1, tokens / N), which no tokenizer can exceed; util / bound = val util / val "
          f"bound. Train, last epoch: codes used by the training batches of the last full epoch{epoch_tokens}. The "
          "paper counts 12.8M validation tokens (bound 100% at N = 100,000). Drawing every token i.i.d. uniformly "
