@@ -59,8 +59,7 @@ def build_codebook(config: ml_collections.ConfigDict, num_codes: int, rows_per_c
                    directory: pathlib.Path) -> dict[str, Any]:
     """Builds directory/codebook.npy [num_codes, D] from the train split's features: `vqlc_jax.codebook.build`
     (extract, then global k-means) when the features hold >= rows_per_code rows per code, else a random selection
-    of distinct feature rows (identical rows, e.g. flat or saturated patches, would be codes no search can pick:
-    ties go to the lowest index). Returns what the table notes need."""
+    of feature rows with distinct values. Returns what the table notes need."""
     from vqlc_jax.codebook import build, extract
     from vqlc_jax.codebook.kmeans import codebook_from_features, save_codebook
 
@@ -70,20 +69,19 @@ def build_codebook(config: ml_collections.ConfigDict, num_codes: int, rows_per_c
     manifest = build.build(config, directory, "extract")
     shards, _, _ = extract.open_features(directory / extract.FEATURES_DIR)
     rows = np.asarray(shards.read(np.arange(shards.num_rows)), np.float32)
-    distinct = np.unique(rows, axis=0)
     if len(rows) >= rows_per_code * num_codes:
         config.codebook.method = "kmeans"
         build.build(config, directory, "cluster")
         method = (f"k-means ({config.kmeans.num_steps} steps of {config.kmeans.batch_size}, init "
                   f"{config.kmeans.init})")
     else:
-        centres = codebook_from_features(distinct, num_codes, "random_selection", seed=config.kmeans.seed)
+        centres = codebook_from_features(rows, num_codes, "random_selection", seed=config.kmeans.seed)
         save_codebook(directory, centres, {"method": "random_selection of distinct rows", "extractor":
                                            manifest["extractor"], "dataset": manifest["dataset"]})
         method = "random selection of distinct rows"
     codebook = np.load(directory / "codebook.npy")
     return {"num_codes": num_codes, "path": str(directory / "codebook.npy"), "method": method,
-            "feature_rows": len(rows), "distinct_feature_rows": len(distinct),
+            "feature_rows": len(rows), "distinct_feature_rows": len(np.unique(rows, axis=0)),
             "distinct_codes": len(np.unique(codebook, axis=0)), "seconds": time.perf_counter() - start}
 
 

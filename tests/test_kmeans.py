@@ -211,6 +211,17 @@ def test_codebook_from_features(data):
     assert matched_error(kmeans, means) < 0.2
 
 
+def test_random_selection_picks_distinct_vectors():
+    # 12 distinct vectors, the first repeated 200 times (flat or saturated patches repeat): the selection takes every
+    # distinct vector once rather than repeats, and asking for more than exist is an error naming the count.
+    distinct = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
+    x = np.repeat(distinct, [200] + [1] * 11, axis=0)
+    selected = codebook_from_features(x, 12, "random_selection", seed=3)
+    np.testing.assert_array_equal(np.unique(selected, axis=0), distinct)
+    with pytest.raises(ValueError, match="hold only 12 distinct"):
+        codebook_from_features(x, 13, "random_selection", seed=3)
+
+
 def test_streamed_source_equals_in_memory(data, reference, tmp_path):
     x = data[0]
     paths = []

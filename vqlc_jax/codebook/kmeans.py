@@ -509,11 +509,30 @@ def build_codebook(features: Features, labels: np.ndarray | None = None, *, mode
     return centres, metadata
 
 
+def _distinct_rows(source: FeatureSource, n: int, rng: np.random.Generator,
+                   block: int = 65536) -> np.ndarray:
+    """n rows of `source` with pairwise distinct values (as float32), drawn in a random order, read in blocks."""
+    order = rng.permutation(source.num_rows)
+    chosen: list[np.ndarray] = []
+    seen: set[bytes] = set()
+    for first in range(0, source.num_rows, block):
+        for row in np.asarray(source.read(order[first:first + block]), np.float32):
+            key = row.tobytes()
+            if key not in seen:
+                seen.add(key)
+                chosen.append(row)
+                if len(chosen) == n:
+                    return np.stack(chosen)
+    raise ValueError(f"random_selection: n={n} codes asked for, but the {source.num_rows} feature rows hold only "
+                     f"{len(chosen)} distinct vectors")
+
+
 def codebook_from_features(features: Features, n: int, method: str, seed: int = 0,
                            **kmeans_options: Any) -> np.ndarray:
     """A codebook [n, D] float32 for the paper's initialisation ablation.
 
-    method "random": Gaussian with the features' per-dim mean and std; "random_selection": n distinct feature rows;
+    method "random": Gaussian with the features' per-dim mean and std; "random_selection": n feature rows with
+    distinct values (a repeated vector would be a code no search can pick: ties go to the lowest index);
     "kmeans": `minibatch_kmeans(features, n, seed=seed, **kmeans_options)` (batch_size and num_steps required).
     """
     if method not in CODEBOOK_METHODS:
@@ -525,9 +544,7 @@ def codebook_from_features(features: Features, n: int, method: str, seed: int = 
     source = as_source(features)
     rng = np.random.default_rng(seed)
     if method == "random_selection":
-        if n > source.num_rows:
-            raise ValueError(f"random_selection: n={n} > {source.num_rows} feature rows")
-        return np.asarray(source.read(rng.choice(source.num_rows, n, replace=False)), np.float32)
+        return _distinct_rows(source, n, rng)
     total, total_sq = np.zeros(source.dim), np.zeros(source.dim)
     for first in range(0, source.num_rows, 65536):
         block = np.asarray(source.read(np.arange(first, min(first + 65536, source.num_rows))), np.float64)
