@@ -11,16 +11,16 @@ the GAN on (PatchGAN update + adaptive weight) is printed for information; the r
 The codebook is Gaussian (`codebook_init="random"`) and the LPIPS weights are random (written to a temporary .npz
 and loaded by the trainer's path): speed does not depend on either, the loss values are meaningless.
 
-Rows marked "[not in the library]" measure two changes this benchmark proposes, swapped in for the measurement
-only: LPIPS with its 3x3 convs on 2x2 maps done as im2col + matmul (XLA:CPU's convolution runs those at well
-under 1 GFLOP/s; at 32 px the VGG's last slice works on 2x2 maps), and a nearest-code search that folds codes
-into a running (distance, index) with element-wise ops instead of XLA:CPU's slow variadic (min, argmin) reduce
-(same indices, bitwise the same distances).
+The row marked "[not in the library]" measures a change this benchmark proposes, swapped in for the measurement
+only: a nearest-code search that folds codes into a running (distance, index) with element-wise ops instead of
+XLA:CPU's slow variadic (min, argmin) reduce (same indices, bitwise the same distances). (An earlier proposal, LPIPS
+3x3 convs on maps smaller than the kernel as im2col + matmul, is now `models.lpips.Conv3x3`: XLA:CPU's convolution
+ran the 2x2 maps of the last VGG slice at 32 px at well under 1 GFLOP/s.)
 
 Reported: compile time of the step, images/s = batch / median step time (timed steps after warm-up steps, each
 ended by block_until_ready), and (unless --no-breakdown) the quantizer's parts timed alone (projecting the N x 768
 codebook, the search, the whole quantizer forward + backward, the release's matmul-form search, the proposed
-search) and LPIPS forward + backward alone.
+search) and LPIPS forward + backward alone, with the convolution-only VGG trunk (before `Conv3x3`) for reference.
 
     python benchmarks/train_step.py                  # N in {16384, 100000}, 10 timed steps each (~25 min here)
     python benchmarks/train_step.py --quick          # smoke run: N=4096, 2 timed steps, library step only
@@ -40,7 +40,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import pathlib
@@ -62,13 +61,11 @@ TINY_EMBED_DIM = 8
 # images/s of the official generator step, torch 2.13 CPU, 2 threads, same configuration (measured by the team).
 OFFICIAL_IMAGES_PER_SEC = {16_384: 11.0, 100_000: 3.8}
 FOLD_BLOCK = 128  # codes per scan iteration of the proposed CPU search (unrolled; compile time grows with it)
-# Step variants: (name, use_gan, proposed LPIPS fix, proposed search fix).
+# Step variants: name -> (use_gan, proposed search fix).
 LIBRARY = "generator (no GAN)"
-LPIPS_FIX = "generator (no GAN) + proposed LPIPS fix [not in the library]"
-BOTH_FIXES = "generator (no GAN) + proposed LPIPS fix + proposed fold search [not in the library]"
+SEARCH_FIX = "generator (no GAN) + proposed fold search [not in the library]"
 GAN = "generator + GAN (D update, adaptive weight), for information"
-VARIANTS = {LIBRARY: (False, False, False), LPIPS_FIX: (False, True, False), BOTH_FIXES: (False, True, True),
-            GAN: (True, False, False)}
+VARIANTS = {LIBRARY: (False, False), SEARCH_FIX: (False, True), GAN: (True, False)}
 
 
 def tiny_model_config() -> tuple[dict, int]:
@@ -105,59 +102,18 @@ def write_random_lpips(path: pathlib.Path) -> None:
     save_lpips_variables(jax.device_get(LPIPS().init(jax.random.key(1), x, x)), path)
 
 
-class _PatchConv(nn.Module):
-    """3x3 conv, stride 1, padding 1, with nn.Conv's variables (`kernel` HWIO, `bias`); maps smaller than the kernel
-    (2x2, 1x1) go through im2col + one matmul, where XLA:CPU's convolution is pathologically slow."""
+@contextlib.contextmanager
+def _convolution_only_vgg():
+    """Makes `models.lpips` build its VGG trunk from plain nn.Conv (the library before `Conv3x3`), for the LPIPS
+    reference row only."""
+    from vqlc_jax.models import lpips
 
-    features: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cin = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        height, width = x.shape[1:3]
-        if min(height, width) < 3:
-            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            cols = jnp.concatenate([padded[:, i:i + height, j:j + width, :] for i in range(3) for j in range(3)], -1)
-            y = cols @ kernel.reshape(9 * cin, self.features)
-        else:
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
-
-
-class _Im2colVGG16Features(nn.Module):
-    """`models.lpips.VGG16Features` with `_PatchConv` in place of nn.Conv (same variable names)."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
-        from vqlc_jax.models.lpips import VGG16_SLICES
-
-        outputs = []
-        for n, (channels, indices) in enumerate(VGG16_SLICES, start=1):
-            if n > 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            for i in indices:
-                x = nn.relu(_PatchConv(channels, name=f"slice{n}_{i}")(x))
-            outputs.append(x)
-        return outputs
-
-
-class _Im2colLPIPS(nn.Module):
-    """`models.lpips.LPIPS` (same variables, same values up to float rounding) with `_PatchConv` in the VGG trunk:
-    the change this benchmark proposes for `vqlc_jax/models/lpips.py`, NOT what the library runs today."""
-
-    @nn.compact
-    def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
-        from vqlc_jax.models import lpips
-
-        feats = _Im2colVGG16Features(name="net")((jnp.concatenate([x0, x1]) - lpips.SHIFT) / lpips.SCALE)
-        total = 0.0
-        for k, f in enumerate(feats):
-            f0, f1 = jnp.split(lpips.normalize_tensor(f), 2)
-            total = total + jnp.mean(lpips.NetLinLayer(name=f"lin{k}")((f0 - f1) ** 2), axis=(1, 2, 3))
-        return total
+    original = lpips.Conv3x3
+    lpips.Conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)))
+    try:
+        yield
+    finally:
+        lpips.Conv3x3 = original
 
 
 def fold_nearest_codes(z: jax.Array, codebook: jax.Array, *, chunk_size: int | None = None,
@@ -221,16 +177,14 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[floa
 
 def bench_step(num_codes: int, variant: str, args: argparse.Namespace, lpips_path: str) -> dict:
     """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step; the proposal
-    variants swap in `_Im2colLPIPS` for the library's LPIPS and/or `fold_nearest_codes` for `nearest_codes`."""
+    variant swaps in `fold_nearest_codes` for `nearest_codes`."""
     from vqlc_jax import parallel
     from vqlc_jax.train.steps import train_step
     from vqlc_jax.train.trainer import build_run
 
     config = make_config(num_codes, args.batch, args.codebook_dim, args.chunk_size, lpips_path)
-    use_gan, lpips_fix, search_fix = VARIANTS[variant]
+    use_gan, search_fix = VARIANTS[variant]
     run = build_run(config)
-    if lpips_fix:
-        run = dataclasses.replace(run, fns=dataclasses.replace(run.fns, lpips=_Im2colLPIPS().apply))
     state = run.init_state()
     rng = np.random.default_rng(args.seed)
     res = config.data.resolution
@@ -332,19 +286,22 @@ def bench_quantizer(run, state, args: argparse.Namespace) -> tuple[dict[str, flo
 
 
 def bench_lpips(run, args: argparse.Namespace) -> tuple[dict[str, float], float]:
-    """Median ms of LPIPS forward + gradient w.r.t. the reconstruction (what the step needs), library vs proposal,
-    and the largest relative difference between the two (value and gradient)."""
+    """Median ms of LPIPS forward + gradient w.r.t. the reconstruction (what the step needs), the library's and the
+    convolution-only trunk's, and the largest relative difference between the two (value and gradient)."""
+    from vqlc_jax.models.lpips import LPIPS
+
     res = run.config.data.resolution
     rng = np.random.default_rng(args.seed)
     x = jnp.asarray(rng.uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32))
     y = jnp.asarray(rng.uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32))
     out, grads = {}, {}
-    for name, apply in (("library (models.lpips.LPIPS)", run.fns.lpips),
-                        ("proposed: im2col for 2x2 maps", _Im2colLPIPS().apply)):
-        fn = jax.jit(jax.value_and_grad(lambda v, a, b, apply=apply: jnp.mean(apply(v, a, b)), argnums=2))
-        call = functools.partial(fn, run.lpips_vars, x, y)
-        out[name] = statistics.median(time_calls(call, 1, args.repeats)) * 1e3
-        grads[name] = fn(run.lpips_vars, x, y)
+    for name, context in (("library (models.lpips.LPIPS, Conv3x3)", contextlib.nullcontext()),
+                          ("convolution-only VGG trunk (the library before Conv3x3)", _convolution_only_vgg())):
+        with context:
+            fn = jax.jit(jax.value_and_grad(lambda v, a, b: jnp.mean(LPIPS().apply(v, a, b)), argnums=2))
+            call = functools.partial(fn, run.lpips_vars, x, y)
+            out[name] = statistics.median(time_calls(call, 1, args.repeats)) * 1e3
+            grads[name] = fn(run.lpips_vars, x, y)
     (v0, g0), (v1, g1) = grads.values()
     rel = max(float(abs(v1 - v0) / abs(v0)), float(jnp.max(jnp.abs(g1 - g0)) / jnp.max(jnp.abs(g0))))
     return out, rel
@@ -361,7 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per breakdown part (median)")
     parser.add_argument("--no-gan", action="store_true", help="skip the GAN-on rows")
     parser.add_argument("--no-proposal", action="store_true",
-                        help="skip the rows with the proposed fixes (LPIPS im2col for 2x2 maps, fold search)")
+                        help="skip the row with the proposed fold search")
     parser.add_argument("--no-breakdown", action="store_true", help="skip timing the quantizer's parts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
@@ -390,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("Random LPIPS weights and a Gaussian codebook (speed only; loss values are meaningless).\n")
 
     rows, breakdowns, lpips_times = [], {}, None
-    variants = [LIBRARY] + ([] if args.no_proposal else [LPIPS_FIX, BOTH_FIXES]) + ([] if args.no_gan else [GAN])
+    variants = [LIBRARY] + ([] if args.no_proposal else [SEARCH_FIX]) + ([] if args.no_gan else [GAN])
     with tempfile.TemporaryDirectory() as tmp:
         lpips_path = str(pathlib.Path(tmp) / "lpips_random.npz")
         write_random_lpips(pathlib.Path(lpips_path))
@@ -422,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{r['spread'][0] * 1e3:,.0f}-{r['spread'][1] * 1e3:,.0f} | {r['compile_s']:.1f} | {_mb(r['temp'])} |")
     print("\nRelease: the official generator step (no GAN), same configuration, measured by the team, torch 2.13 CPU "
           "2 threads (/work/shared/notes/official_vqgan_lc.md). The release's GAN step was not measured; the "
-          "'[not in the library]' rows run changes this benchmark proposes, swapped in for the measurement only.")
+          "'[not in the library]' row runs a change this benchmark proposes, swapped in for the measurement only.")
 
     if breakdowns:
         factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
@@ -447,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         times, rel = lpips_times
         for name, ms in times.items():
             print(f"| {name} | {ms:,.1f} |")
-        print(f"\nProposal vs library: largest relative difference of LPIPS value and gradient {rel:.1e}.")
+        print(f"\nConv3x3 vs convolution only: largest relative difference of LPIPS value and gradient {rel:.1e}.")
 
 if __name__ == "__main__":
     main()

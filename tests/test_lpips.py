@@ -1,13 +1,15 @@
 """LPIPS: parity with the official lpips/VQGAN-LC module, weight converters and the .npz round trip."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import relative_error
 
 from vqlc_jax.convert import lpips_weights
 from vqlc_jax.convert.torch_layout import CheckpointMismatchError
-from vqlc_jax.models.lpips import LPIPS
+from vqlc_jax.models.lpips import LPIPS, Conv3x3
 
 _APPLY = jax.jit(LPIPS().apply)
 
@@ -28,6 +30,23 @@ def test_parity_with_official_lpips(tiny, variables):
     assert got.shape == (2,)
     assert relative_error(got, tiny["lpips"]) <= 1e-4
     np.testing.assert_allclose(_APPLY(variables, tiny["input"], tiny["input"]), 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (2, 2), (2, 5), (4, 4)])
+def test_conv3x3_equals_the_convolution(height, width):
+    # Maps smaller than the kernel take the im2col path: same variables, value and gradients as nn.Conv.
+    x = jax.random.normal(jax.random.key(0), (3, height, width, 5))
+    variables = Conv3x3(7).init(jax.random.key(1), x)
+    conv = nn.Conv(7, (3, 3), padding=((1, 1), (1, 1)))
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
+
+    def loss(apply, v, x):
+        return jnp.sum(jnp.sin(apply(v, x)))
+
+    ours = jax.value_and_grad(lambda v, x: loss(Conv3x3(7).apply, v, x), argnums=(0, 1))(variables, x)
+    reference = jax.value_and_grad(lambda v, x: loss(conv.apply, v, x), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        assert relative_error(np.asarray(a), np.asarray(b)) <= 1e-5
 
 
 def test_torchvision_and_heads_files_give_the_same_variables(tiny, variables):

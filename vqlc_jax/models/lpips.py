@@ -28,6 +28,31 @@ VGG16_SLICES: tuple[tuple[int, tuple[int, ...]], ...] = (
 NORMALIZE_EPS = 1e-10
 
 
+class Conv3x3(nn.Module):
+    """3x3 conv, stride 1, zero padding 1, with nn.Conv's variables (`kernel` HWIO, `bias`) and init.
+
+    Maps smaller than the kernel (the last VGG slices at low resolution: 2x2 and 1x1 at 32 px) are computed as
+    im2col + one matmul: the same sums, and XLA:CPU's convolution runs such maps orders of magnitude below its
+    usual speed (see benchmarks/train_step.py). Larger maps use the convolution."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        height, width = x.shape[1:3]
+        if min(height, width) >= 3:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        else:
+            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            cols = jnp.concatenate([padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)], -1)
+            y = cols @ kernel.reshape(9 * cin, self.features)
+        return y + bias
+
+
 class VGG16Features(nn.Module):
     """The VGG16 `features` trunk: [B, H, W, 3] -> relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 maps."""
 
@@ -38,7 +63,7 @@ class VGG16Features(nn.Module):
             if n > 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             for i in indices:
-                x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"slice{n}_{i}")(x))
+                x = nn.relu(Conv3x3(channels, name=f"slice{n}_{i}")(x))
             outputs.append(x)
         return outputs
 
