@@ -2,13 +2,14 @@
 
 Every (method, size) run trains with `train_and_evaluate` from one shared config (configs/sweeps/utilization.py:
 same encoder, decoder, data, steps and seed; GAN off), then the table reports, on the whole validation split,
-utilization (share of the N codes used at least once), perplexity, PSNR, SSIM and LPIPS, next to the utilization's
-hard bound min(1, tokens / N) (a split of T tokens cannot use more than T codes), and the utilization over the
-training tokens of the last full epoch. lc's frozen codebooks are built first from the train split's pixel-patch
-features with the project's codebook pipeline (`vqlc_jax.codebook.build`). Every run starts from scratch in
+utilization (share of the N codes used at least once), perplexity, PSNR, SSIM and LPIPS, next to the utilization of
+i.i.d. uniform code use, 1 - exp(-tokens / N) (a split of T tokens cannot use more than T codes, and at T ~ N even
+a perfectly even tokenizer leaves many unused), and the utilization over the training tokens of the last full epoch.
+The lc methods' frozen codebooks are built first from the train split's pixel-patch features with the project's
+codebook pipeline (`vqlc_jax.codebook.build`). Every run starts from scratch in
 `WORKDIR/runs/<method>-<N>`; results go to WORKDIR/utilization_sweep.json and .md (also printed).
 
-    nice -n 5 python benchmarks/utilization_sweep.py                  # 4 methods x N in {1024, 16384, 100000}
+    nice -n 5 python benchmarks/utilization_sweep.py                  # 5 methods x N in {1024, 16384, 100000}
     python benchmarks/utilization_sweep.py --quick                    # 1-2 minute smoke run
     python benchmarks/utilization_sweep.py --methods lc vq --sizes 100000 --steps 600
 """
@@ -33,7 +34,6 @@ import numpy as np
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = PROJECT_ROOT / "configs" / "sweeps" / "utilization.py"
-METHODS = ("vq", "fc", "ema", "lc")
 PAPER = ("paper (ImageNet, 50K val images x 256 tokens = 12.8M tokens), 16,384 -> 100,000 codes: "
          "vq 3.4% -> 0.5%, fc 11.2% -> 1.9%, ema 83.2% -> 24.2%, lc 99.9% at both")
 
@@ -92,14 +92,18 @@ def run_config(sweep: ml_collections.ConfigDict, method: str, num_codes: int,
                codebook_path: str | None) -> ml_collections.ConfigDict:
     """The trainer config of one run: the shared `train` config with this quantizer."""
     config = copy.deepcopy(sweep.train)
-    chunk_size = min(num_codes, sweep.max_chunk_size)
-    if method == "lc":
-        config.model.quantizer.update(num_codes=num_codes, chunk_size=chunk_size)
+    options = {"num_codes": num_codes, "chunk_size": min(num_codes, sweep.max_chunk_size),
+               **sweep.quantizers[method].to_dict()}
+    if uses_codebook(sweep, method):  # keeps the train config's codebook_dim
+        config.model.quantizer.update(options)
         config.codebook_path, config.codebook_init = codebook_path, "file"
     else:
-        config.model.quantizer = {"name": method, "num_codes": num_codes, "chunk_size": chunk_size,
-                                  **sweep.quantizers[method].to_dict()}
+        config.model.quantizer = options
     return config
+
+
+def uses_codebook(sweep: ml_collections.ConfigDict, method: str) -> bool:
+    return sweep.quantizers[method].name == "lc"
 
 
 def _usage(counts: np.ndarray) -> dict[str, float]:
@@ -146,15 +150,15 @@ def _pct(x: float) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The table and its notes."""
     s = report["settings"]
-    head = ("| method | N | val util % | val bound % | util / bound | val perplexity | train util %, last epoch "
-            "(bound %) | PSNR | SSIM | LPIPS | steps | wall s |")
+    head = ("| method | N | val util % | uniform % | util / uniform | val perplexity | train util %, last epoch "
+            "(uniform %) | PSNR | SSIM | LPIPS | steps | wall s |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in report["runs"]:
         v, t = r["val"], r["train_last_epoch"]
-        train = f"{_pct(t['utilization'])} ({_pct(t['bound'])})" if t else "n/a (no full epoch)"
+        train = f"{_pct(t['utilization'])} ({_pct(t['uniform'])})" if t else "n/a (no full epoch)"
         lpips = f"{r['lpips']:.4f}" if r["lpips"] is not None else "n/a"
-        lines.append(f"| {r['method']} | {r['num_codes']:,} | {_pct(v['utilization'])} | {_pct(v['bound'])} | "
-                     f"{v['utilization'] / v['bound']:.3f} | {v['perplexity']:,.1f} | {train} | {r['psnr']:.2f} | "
+        lines.append(f"| {r['method']} | {r['num_codes']:,} | {_pct(v['utilization'])} | {_pct(v['uniform'])} | "
+                     f"{v['utilization'] / v['uniform']:.3f} | {v['perplexity']:,.1f} | {train} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.4f} | {lpips} | {r['steps']} | {r['wall_s']:.0f} |")
     val = report["runs"][0]["val"] if report["runs"] else None
     epoch = next((r["train_last_epoch"] for r in report["runs"] if r["train_last_epoch"]), None)
@@ -172,13 +176,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         (f"Setup: {s['model']}; batch {s['batch_size']}, {s['steps']} steps, lr {s['lr']} (warm-up "
          f"{s['warmup_steps']}, cosine), seed {s['seed']}, same data order for every run; GAN off (disc_start = "
-         f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Baselines' own options: "
-         f"{s['quantizers']}; lc: linear projector, frozen codebook."),
+         f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Quantizer options: "
+         f"{s['quantizers']}; lc methods: frozen codebook."),
         (f"Utilization = share of the N codes used at least once. val: encoding the validation split"
-         f"{val_tokens}; val bound = min(1, tokens / N), which no tokenizer can exceed; util / bound = val util / val "
-         f"bound. Train, last epoch: codes used by the training batches of the last full epoch{epoch_tokens}. The "
-         "paper counts 12.8M validation tokens (bound 100% at N = 100,000). Drawing every token i.i.d. uniformly "
-         f"from the N codes would use 1 - exp(-tokens / N) of them: {iid}."),
+         f"{val_tokens}. uniform = 1 - exp(-tokens / N), the utilization of a tokenizer that draws every token "
+         f"i.i.d. uniformly from the N codes ({iid}): the reference for a split this small (no tokenizer can "
+         "exceed min(1, tokens / N)); util / uniform = val util / uniform. Train, last epoch: codes used by the "
+         f"training batches of the last full epoch{epoch_tokens}. The paper counts 12.8M validation tokens (uniform "
+         "100% at N = 100,000)."),
         f"LPIPS: {s['lpips']}",
         f"lc codebooks (bundled train split, pixel-patch features: {s['codebook_features']}): {codebooks}.",
         f"Reference, {PAPER}.",
@@ -214,7 +219,7 @@ def settings(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", help="codebook sizes (default: the config's)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="quantizers (default: all four)")
+    parser.add_argument("--methods", nargs="+", help="methods of the config's `quantizers` (default: its `methods`)")
     parser.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/vqlc_utilization_sweep"))
     parser.add_argument("--lpips-path", default="", help="converted LPIPS weights (.npz): evaluate (and train) with it")
@@ -231,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     sweep = load_sweep(args.quick)
     sizes, methods = args.sizes or list(sweep.sizes), args.methods or list(sweep.methods)
+    unknown = sorted(set(methods) - set(sweep.quantizers))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; {SWEEP_CONFIG.name} defines {sorted(sweep.quantizers)}")
     if args.steps:
         set_steps(sweep.train, args.steps)
     if args.lpips_path:
@@ -248,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (args.workdir / "utilization_sweep.json").write_text(json.dumps(report, indent=1))
 
     paths = {}
-    if "lc" in methods:
+    if any(uses_codebook(sweep, m) for m in methods):
         for n in sizes:
             directory = args.workdir / "codebooks" / f"n{n}"
             shutil.rmtree(directory, ignore_errors=True)
@@ -265,8 +273,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row = train_run(config, method, args.workdir / "runs" / f"{method}-{n}")
             report["runs"].append(row)
             save()
-            print(f"{method} N={n:,}: val util {_pct(row['val']['utilization'])}% (bound "
-                  f"{_pct(row['val']['bound'])}%), PSNR {row['psnr']:.2f}, {row['wall_s']:.0f} s "
+            print(f"{method} N={n:,}: val util {_pct(row['val']['utilization'])}% (uniform "
+                  f"{_pct(row['val']['uniform'])}%), PSNR {row['psnr']:.2f}, {row['wall_s']:.0f} s "
                   f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
     save()
     table = markdown(report)

@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     c.model.ddconfig.update(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                             z_channels=32)
     c.model.quantizer.update(num_codes=1024, codebook_dim=48, chunk_size=1024)
-    c.loss.update(allow_missing_lpips=True, disc_start=400, quant_weight=1.0)
+    c.loss.update(allow_missing_lpips=True, disc_start=400)
     c.optimizer.update(lr=1e-3, disc_lr=1e-3, warmup_steps=50)
     if arg == "smoke":  # seconds on a CPU: a tiny model, a few steps, the GAN switched on at step 4
         c.global_batch_size = 8

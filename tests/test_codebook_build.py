@@ -70,12 +70,19 @@ def test_pixel_patches_by_hand():
     out = PixelPatchExtractor(patch_size=2, pool=2)(image)
     assert out["patch_features"].shape == (1, 16, 12) and out["pooled_features"].shape == (1, 4, 12)
     first = [0, 100, 200, 1, 101, 201, 10, 110, 210, 11, 111, 211]  # pixels (0,0) (0,1) (1,0) (1,1), RGB each
-    np.testing.assert_array_equal(out["patch_features"][0, 0], first)
-    np.testing.assert_array_equal(out["patch_features"][0, 1], np.add(first, 2))  # the patch to its right
-    np.testing.assert_array_equal(out["patch_features"][0, 4], np.add(first, 20))  # the patch below
+    scale = 12 ** -0.5  # vectors are divided by sqrt(p * p * C): their norm is the patch's RMS value
+
+    def check(got, pixels):
+        np.testing.assert_allclose(got, np.multiply(pixels, scale), rtol=1e-6)
+
+    check(out["patch_features"][0, 0], first)
+    check(out["patch_features"][0, 1], np.add(first, 2))  # the patch to its right
+    check(out["patch_features"][0, 4], np.add(first, 20))  # the patch below
     # Pooled cell (i, j) averages patches (2i..2i+1, 2j..2j+1): 4i, 4j pixels down/right, plus 1 pixel on average.
     for cell, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        np.testing.assert_array_equal(out["pooled_features"][0, cell], np.add(first, 11 + 40 * i + 4 * j))
+        check(out["pooled_features"][0, cell], np.add(first, 11 + 40 * i + 4 * j))
+    np.testing.assert_allclose(np.linalg.norm(PixelPatchExtractor(4, 1)(-np.ones((1, 8, 8, 3)))["patch_features"],
+                                              axis=-1), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="patch_size 3 does not divide the 8x8"):
         PixelPatchExtractor(patch_size=3, pool=1)(image)
 

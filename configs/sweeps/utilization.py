@@ -3,12 +3,12 @@ the paper's Table 1 pattern); read by that script, not by `vqlc_jax.analysis`.
 
     nice -n 5 python benchmarks/utilization_sweep.py [--quick]   # --quick: this file's variant `quick`
 
-`train`: the trainer config of every run: configs/demo.py's model and data (bundled photos at 32 px, ch 32,
-ch_mult (1, 2, 2), 8x8 = 64 tokens per image, D' = 8, batch 16, seed 0), 300 steps, evaluated once at the end on
-the whole validation split; GAN off (`loss.disc_start` = total_steps, so it never starts); LPIPS loss only with
-`loss.lpips_path` (no weights here). The script sets the quantizer (name, num_codes, chunk_size) and, for lc,
-codebook_path. `quantizers`: each baseline's own options (the release's / the imagenet configs'); lc keeps
-configs/demo.py's (linear projector, 48-d codebook).
+`train`: the trainer config of every run: configs/demo.py's model, data and loss (bundled photos at 32 px, ch 32,
+ch_mult (1, 2, 2), 8x8 = 64 tokens per image, D' = 8, batch 16, seed 0, quantization loss x 0.1 as the release
+scripts), 300 steps, evaluated once at the end on the whole validation split; GAN off (`loss.disc_start` =
+total_steps, so it never starts); LPIPS loss only with `loss.lpips_path` (no weights here). `quantizers`: each
+method's quantizer options (the release's / the imagenet configs'); the script adds num_codes and chunk_size, and
+for the lc methods (linear and MLP projector, configs/demo.py's 48-d codebook) codebook_path.
 `codebook`: the lc codebooks' build config: configs/codebook/demo.py on the train split rendered at 64 px,
 un-pooled 4x4-pixel patches (256 48-d vectors per crop, ~350K rows, ~243K distinct; 32 px gives only ~61K distinct
 rows). k-means (k random rows as init) where the features hold >= `kmeans_rows_per_code` rows per code, else
@@ -38,11 +38,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/sweeps/utilization.py: unknown variant {arg!r} (choices: quick)")
     c = ml_collections.ConfigDict()
     c.sizes = (1_024, 16_384, 100_000)
-    c.methods = ("vq", "fc", "ema", "lc")
+    c.methods = ("vq", "fc", "ema", "lc", "lc_mlp")
     c.max_chunk_size = 16_384
     c.kmeans_rows_per_code = 20
-    c.quantizers = dict(vq=dict(alpha=1.0, beta=0.33), fc=dict(code_dim=8, alpha=1.0, beta=0.33),
-                        ema=dict(decay=0.99, eps=1e-5, alpha=1.0, beta=0.0))
+    # Each method's quantizer options (the release's / the imagenet configs'); lc methods also get a codebook.
+    c.quantizers = dict(vq=dict(name="vq", alpha=1.0, beta=0.33), fc=dict(name="fc", code_dim=8, alpha=1.0, beta=0.33),
+                        ema=dict(name="ema", decay=0.99, eps=1e-5, alpha=1.0, beta=0.0),
+                        lc=dict(name="lc", projector="linear"), lc_mlp=dict(name="lc", projector="mlp"))
 
     train = _load(CONFIGS / "demo.py")
     train.total_steps = 300

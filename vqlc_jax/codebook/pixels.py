@@ -1,10 +1,15 @@
 """A weight-free feature extractor: raw pixel patches, pooled like the CLIP features (for runs without weights).
 
 An image [H, W, C] is cut into non-overlapping `patch_size` x `patch_size` patches on the row-major grid; each
-patch is one vector of its pixels in (row, column, channel) order (p * p * C values: 48 for p = 4, RGB). The patch
-grid is then `pool` x `pool` average-pooled exactly as `CLIPFeatureExtractor`'s (`clip.pool_patches`), so a
-codebook built from it has the shape and row layout of a CLIP one. Values are the input's (the codebook job passes
-the pipeline's [-1, 1] pixels).
+patch is one vector of its pixels in (row, column, channel) order (p * p * C values: 48 for p = 4, RGB), divided by
+sqrt(p * p * C), so that a vector's L2 norm is its patch's RMS value (at most 1 for the pipeline's [-1, 1] pixels).
+The patch grid is then `pool` x `pool` average-pooled exactly as `CLIPFeatureExtractor`'s (`clip.pool_patches`),
+so a codebook built from it has the shape and row layout of a CLIP one.
+
+Why the scale: the release's linear projector starts as N(0, D'^-1/2), which maps a codebook row of norm r to a
+D'-vector of expected norm r. Unscaled [-1, 1] patches (norm up to 6.9 at 48 values) started the projected codebook
+several times wider than the encoder's latents, and 300-step lc runs used 22% of 1,024 codes instead of 76%
+(README, "The paper's claim at small scale").
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class PixelPatchExtractor:
 
     def features(self, params: Mapping, pixel_values: jax.Array) -> dict[str, jax.Array]:
         del params  # weight-free; the argument keeps the CLIP extractor's calling convention
-        patches = patchify(pixel_values.astype(self.dtype), self.patch_size)
+        patches = patchify(pixel_values.astype(self.dtype), self.patch_size) * self.dim ** -0.5
         return {"patch_features": patches, "pooled_features": pool_patches(patches, self.pool)}
 
     def __call__(self, pixel_values: np.ndarray | jax.Array) -> dict[str, jax.Array]:
