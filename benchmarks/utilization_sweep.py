@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -32,18 +31,24 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vqlc_jax.analysis.sweeps import parse_key_value
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = PROJECT_ROOT / "configs" / "sweeps" / "utilization.py"
 PAPER = ("paper (ImageNet, 50K val images x 256 tokens = 12.8M tokens), 16,384 -> 100,000 codes: "
          "vq 3.4% -> 0.5%, fc 11.2% -> 1.9%, ema 83.2% -> 24.2%, lc 99.9% at both")
 
 
-def load_sweep(quick: bool) -> ml_collections.ConfigDict:
-    """configs/sweeps/utilization.py (variant `quick` when asked)."""
-    spec = importlib.util.spec_from_file_location(SWEEP_CONFIG.stem, SWEEP_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("quick" if quick else None)
+def load_sweep(quick: bool, train_overrides: Sequence[tuple[str, Any]] = (),
+               codebook_overrides: Sequence[tuple[str, Any]] = ()) -> ml_collections.ConfigDict:
+    """configs/sweeps/utilization.py (variant `quick` when asked), with dotted-key overrides of its `train` and
+    `codebook` configs (an unknown key raises ValueError naming it)."""
+    from vqlc_jax.analysis import sweeps
+
+    sweep = sweeps.load_config_file(f"{SWEEP_CONFIG}:quick" if quick else SWEEP_CONFIG)
+    sweep.train = sweeps.apply_overrides(sweep.train, dict(train_overrides), source="--set").unlock()
+    sweep.codebook = sweeps.apply_overrides(sweep.codebook, dict(codebook_overrides), source="--codebook-set").unlock()
+    return sweep
 
 
 def set_steps(train: ml_collections.ConfigDict, steps: int) -> None:
@@ -177,7 +182,8 @@ def markdown(report: dict[str, Any]) -> str:
         (f"Setup: {s['model']}; batch {s['batch_size']}, {s['steps']} steps, lr {s['lr']} (warm-up "
          f"{s['warmup_steps']}, cosine), seed {s['seed']}, same data order for every run; GAN off (disc_start = "
          f"total_steps); reconstruction l1 + quantization loss (weight {s['quant_weight']}). Quantizer options: "
-         f"{s['quantizers']}; lc methods: frozen codebook."),
+         f"{s['quantizers']}; lc methods: frozen codebook."
+         + "".join(f" Overrides of the {part} config: {o}." for part, o in report.get("overrides", {}).items() if o)),
         (f"Utilization = share of the N codes used at least once. val: encoding the validation split"
          f"{val_tokens}. uniform = 1 - exp(-tokens / N), the utilization of a tokenizer that draws every token "
          f"i.i.d. uniformly from the N codes ({iid}): the reference for a split this small (no tokenizer can "
@@ -209,7 +215,9 @@ def settings(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
         "batch_size": t.global_batch_size, "steps": t.total_steps, "lr": t.optimizer.lr,
         "warmup_steps": t.optimizer.warmup_steps, "seed": t.seed, "quant_weight": t.loss.quant_weight,
         "quantizers": {k: v.to_dict() for k, v in sweep.quantizers.items()}, "lpips": lpips,
-        "codebook_features": f"{cb.extractor.patch_size}x{cb.extractor.patch_size} patches at {cb.data.resolution} "
+        "codebook_features": f"{cb.extractor.patch_size}x{cb.extractor.patch_size} patches "
+                             f"{'scaled to their RMS' if cb.extractor.rms_scale else '(raw [-1, 1] values)'} at "
+                             f"{cb.data.resolution} "
                              f"px, pool {cb.extractor.pool}, k-means when >= {sweep.kmeans_rows_per_code} rows "
                              "per code",
         "train_config": t.to_dict(), "codebook_config": cb.to_dict(),
@@ -224,6 +232,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/vqlc_utilization_sweep"))
     parser.add_argument("--lpips-path", default="", help="converted LPIPS weights (.npz): evaluate (and train) with it")
     parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run (tiny model, sizes, steps)")
+    parser.add_argument("--set", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="override of the runs' trainer config (e.g. loss.quant_weight=1.0)")
+    parser.add_argument("--codebook-set", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="override of the lc codebooks' build config (e.g. extractor.rms_scale=False)")
     return parser.parse_args(argv)
 
 
@@ -234,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.set_verbosity(logging.WARNING)
     import jax
 
-    sweep = load_sweep(args.quick)
+    sweep = load_sweep(args.quick, args.set, args.codebook_set)
     sizes, methods = args.sizes or list(sweep.sizes), args.methods or list(sweep.methods)
     unknown = sorted(set(methods) - set(sweep.quantizers))
     if unknown:
@@ -247,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{device.platform} ({device.device_kind}) x {jax.device_count()}",
-        "settings": settings(sweep), "codebooks": [], "runs": [], "paper": PAPER}
+        "settings": settings(sweep), "overrides": {"train": dict(args.set), "codebook": dict(args.codebook_set)},
+        "codebooks": [], "runs": [], "paper": PAPER}
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 

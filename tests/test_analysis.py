@@ -193,13 +193,11 @@ def test_plan_merges_overrides_and_checks_runs():
 
 
 def test_cli_key_values_are_python_literals_or_strings():
-    from vqlc_jax.analysis.__main__ import _key_value
-
-    assert _key_value("total_steps=2") == ("total_steps", 2)
-    assert _key_value("codebook_path=/a/b.npy") == ("codebook_path", "/a/b.npy")
-    assert _key_value("model.ddconfig.ch_mult=(1, 2)") == ("model.ddconfig.ch_mult", (1, 2))
+    assert sweeps.parse_key_value("total_steps=2") == ("total_steps", 2)
+    assert sweeps.parse_key_value("codebook_path=/a/b.npy") == ("codebook_path", "/a/b.npy")
+    assert sweeps.parse_key_value("model.ddconfig.ch_mult=(1, 2)") == ("model.ddconfig.ch_mult", (1, 2))
     with pytest.raises(Exception, match="expected KEY=VALUE, got 'total_steps'"):
-        _key_value("total_steps")
+        sweeps.parse_key_value("total_steps")
 
 
 def test_overrides_set_nested_keys_and_name_mistakes():

@@ -83,6 +83,8 @@ def test_pixel_patches_by_hand():
         check(out["pooled_features"][0, cell], np.add(first, 11 + 40 * i + 4 * j))
     np.testing.assert_allclose(np.linalg.norm(PixelPatchExtractor(4, 1)(-np.ones((1, 8, 8, 3)))["patch_features"],
                                               axis=-1), 1.0, rtol=1e-6)
+    raw = PixelPatchExtractor(patch_size=2, pool=2, rms_scale=False)(image)
+    np.testing.assert_array_equal(raw["patch_features"][0, 0], first)
     with pytest.raises(ValueError, match="patch_size 3 does not divide the 8x8"):
         PixelPatchExtractor(patch_size=3, pool=1)(image)
 
@@ -275,6 +277,10 @@ def test_config_errors_name_the_key():
     config = tiny_config()
     config.codebook.update(mode="per_class", method="random")
     with pytest.raises(ValueError, match="codebook.mode='per_class'"):
+        build_lib.validate(config)
+    config = load_config("imagenet_clip_vitl14", None).unlock()
+    config.extractor.update(checkpoint="/clip/folder", rms_scale=False)
+    with pytest.raises(ValueError, match="extractor.rms_scale=False: only the pixels extractor"):
         build_lib.validate(config)
     with pytest.raises(ValueError, match="unknown stage 'fit'"):
         build_lib.build(tiny_config(), "/nonexistent", stage="fit")

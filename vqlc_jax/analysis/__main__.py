@@ -14,22 +14,11 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """"key=value" -> (key, value); the value is a Python literal when it parses as one, else the string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return key, raw
+from vqlc_jax.analysis import sweeps
 
 
 def _labelled_run(text: str) -> tuple[str, pathlib.Path]:
@@ -120,7 +109,7 @@ def replace_cmd(args: argparse.Namespace) -> None:
 def sweep_cmd(args: argparse.Namespace) -> None:
     from absl import logging
 
-    from vqlc_jax.analysis import plots, report, sweeps
+    from vqlc_jax.analysis import plots, report
 
     logging.set_verbosity(logging.INFO)
     sweep = sweeps.load_config_file(args.config)
@@ -174,9 +163,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="train and evaluate a sweep config's runs, then tabulate them (Tables 6-10)")
     s.add_argument("--config", required=True, help="sweep config (configs/sweeps/*.py[:variant])")
     s.add_argument("--workdir", type=pathlib.Path, required=True, help="one folder per run, codebooks, the table")
-    s.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--set", type=sweeps.parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="trainer config override for every run, applied last")
-    s.add_argument("--codebook-set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--codebook-set", type=sweeps.parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="codebook config override for every run that builds a codebook")
     s.add_argument("--collect-only", action="store_true", help="tabulate the finished runs, train nothing")
     s.set_defaults(fn=sweep_cmd)

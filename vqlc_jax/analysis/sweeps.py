@@ -28,6 +28,8 @@ metrics; `sweep_markdown` renders them.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -105,6 +107,18 @@ def new_sweep(name: str, variant: str | None, config_file: str) -> ml_collection
         raise ValueError(f"{config_file}: unknown variant {variant!r} (choices: {', '.join(VARIANTS)})")
     base, codebook_base = VARIANTS[variant]
     return ml_collections.ConfigDict(dict(name=name, base=base, codebook_base=codebook_base, runs=[]))
+
+
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """"key=value" (a --set argument) -> (key, value); the value is a Python literal when it parses as one, else the
+    string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], *,

@@ -49,9 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # The split to extract: `vqlc_jax.data.make_source(name, split, options)`, at most max_images (0: all).
     c.data = dict(name="imagenet2012", split="train", options={}, resolution=224, max_images=0)
     # clip: a local Hugging Face CLIP folder (layer, post_layernorm, projection as CLIPFeatureExtractor);
-    # pixels: raw patch_size x patch_size pixel patches. Both pool x pool average-pooled; dtype: compute dtype.
+    # pixels: patch_size x patch_size pixel patches, divided by sqrt(patch_size^2 * 3) unless rms_scale is False
+    # (see codebook/pixels.py). Both pool x pool average-pooled; dtype: compute dtype.
     c.extractor = dict(name="clip", checkpoint="", layer=-1, post_layernorm=True, projection=True, patch_size=4,
-                       pool=4, dtype="float32")
+                       rms_scale=True, pool=4, dtype="float32")
     # num_devices: 0 = all (only a single-process run may use fewer); num_workers: decoding threads (0: default).
     c.extract = dict(global_batch_size=256, images_per_shard=10_240, feature_dtype="float16", num_devices=0,
                      num_workers=0)

@@ -88,6 +88,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     else:
         _require(not e.checkpoint, "extractor.checkpoint", e.checkpoint, "the pixels extractor uses no weights")
         _require(e.patch_size > 0, "extractor.patch_size", e.patch_size, "must be positive")
+    _require(e.name == "pixels" or e.rms_scale, "extractor.rms_scale", e.rms_scale,
+             "only the pixels extractor has it (CLIP features are used as they come)")
     _require(x.global_batch_size > 0, "extract.global_batch_size", x.global_batch_size, "must be positive")
     _require(x.images_per_shard > 0 and x.images_per_shard % x.global_batch_size == 0, "extract.images_per_shard",
              x.images_per_shard, f"must be a positive multiple of extract.global_batch_size={x.global_batch_size}")
@@ -107,8 +109,9 @@ def make_extractor(cfg: ml_collections.ConfigDict) -> Extractor:
     if cfg.name == "pixels":
         from vqlc_jax.codebook.pixels import PixelPatchExtractor
 
-        pixels = PixelPatchExtractor(cfg.patch_size, cfg.pool, dtype=dtype)
-        info = {"name": "pixels", "patch_size": cfg.patch_size, "pool": cfg.pool, "dtype": cfg.dtype}
+        pixels = PixelPatchExtractor(cfg.patch_size, cfg.pool, rms_scale=cfg.rms_scale, dtype=dtype)
+        info = {"name": "pixels", "patch_size": cfg.patch_size, "rms_scale": cfg.rms_scale, "pool": cfg.pool,
+                "dtype": cfg.dtype}
         return Extractor(lambda params, images: pixels.features(params, images)["pooled_features"], pixels.params,
                          info)
     if cfg.name != "clip":

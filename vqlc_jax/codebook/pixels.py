@@ -2,7 +2,8 @@
 
 An image [H, W, C] is cut into non-overlapping `patch_size` x `patch_size` patches on the row-major grid; each
 patch is one vector of its pixels in (row, column, channel) order (p * p * C values: 48 for p = 4, RGB), divided by
-sqrt(p * p * C), so that a vector's L2 norm is its patch's RMS value (at most 1 for the pipeline's [-1, 1] pixels).
+sqrt(p * p * C) (`rms_scale`, the default), so that a vector's L2 norm is its patch's RMS value (at most 1 for the
+pipeline's [-1, 1] pixels).
 The patch grid is then `pool` x `pool` average-pooled exactly as `CLIPFeatureExtractor`'s (`clip.pool_patches`),
 so a codebook built from it has the shape and row layout of a CLIP one.
 
@@ -39,11 +40,13 @@ class PixelPatchExtractor:
     [B, P / pool^2, p*p*C], like `CLIPFeatureExtractor` (which also returns `last_hidden_state`). It has no weights:
     `params` is empty and `features(params, pixel_values)` is the pure function to put in a caller's jit."""
 
-    def __init__(self, patch_size: int = 4, pool: int = 4, *, num_channels: int = 3, dtype: Any = jnp.float32):
+    def __init__(self, patch_size: int = 4, pool: int = 4, *, rms_scale: bool = True, num_channels: int = 3,
+                 dtype: Any = jnp.float32):
         for name, value in (("patch_size", patch_size), ("pool", pool), ("num_channels", num_channels)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"PixelPatchExtractor: {name} must be a positive int, got {value!r}")
         self.patch_size, self.pool, self.num_channels, self.dtype = int(patch_size), int(pool), num_channels, dtype
+        self.scale = self.dim ** -0.5 if rms_scale else 1.0
         self.params: dict = {}
         self._forward = jax.jit(self.features)
 
@@ -53,7 +56,7 @@ class PixelPatchExtractor:
 
     def features(self, params: Mapping, pixel_values: jax.Array) -> dict[str, jax.Array]:
         del params  # weight-free; the argument keeps the CLIP extractor's calling convention
-        patches = patchify(pixel_values.astype(self.dtype), self.patch_size) * self.dim ** -0.5
+        patches = patchify(pixel_values.astype(self.dtype), self.patch_size) * self.scale
         return {"patch_features": patches, "pooled_features": pool_patches(patches, self.pool)}
 
     def __call__(self, pixel_values: np.ndarray | jax.Array) -> dict[str, jax.Array]:
