@@ -11,16 +11,15 @@ the GAN on (PatchGAN update + adaptive weight) is printed for information; the r
 The codebook is Gaussian (`codebook_init="random"`) and the LPIPS weights are random (written to a temporary .npz
 and loaded by the trainer's path): speed does not depend on either, the loss values are meaningless.
 
-The row marked "[not in the library]" measures a change this benchmark proposes, swapped in for the measurement
-only: a nearest-code search that folds codes into a running (distance, index) with element-wise ops instead of
-XLA:CPU's slow variadic (min, argmin) reduce (same indices, bitwise the same distances). (An earlier proposal, LPIPS
-3x3 convs on maps smaller than the kernel as im2col + matmul, is now `models.lpips.Conv3x3`: XLA:CPU's convolution
-ran the 2x2 maps of the last VGG slice at 32 px at well under 1 GFLOP/s.)
+Two speed-ups this benchmark found are in the library now: LPIPS 3x3 convs on maps smaller than the kernel as
+im2col + matmul (`models.lpips.Conv3x3`; XLA:CPU's convolution ran the 2x2 maps of the last VGG slice at 32 px at
+well under 1 GFLOP/s), and the `fold` nearest-code search (`quantizers.search`, chosen by `method="auto"` on CPU)
+in place of XLA:CPU's slow variadic (min, argmin) reduction. The breakdown times the older forms for reference.
 
 Reported: compile time of the step, images/s = batch / median step time (timed steps after warm-up steps, each
 ended by block_until_ready), and (unless --no-breakdown) the quantizer's parts timed alone (projecting the N x 768
-codebook, the search, the whole quantizer forward + backward, the release's matmul-form search, the proposed
-search) and LPIPS forward + backward alone, with the convolution-only VGG trunk (before `Conv3x3`) for reference.
+codebook, the library's search, its `reduce` form, the release's matmul-form search, the whole quantizer forward +
+backward) and LPIPS forward + backward alone, with the convolution-only VGG trunk (before `Conv3x3`) for reference.
 
     python benchmarks/train_step.py                  # N in {16384, 100000}, 10 timed steps each (~25 min here)
     python benchmarks/train_step.py --quick          # smoke run: N=4096, 2 timed steps, library step only
@@ -60,12 +59,10 @@ TINY_DDCONFIG = {"double_z": False, "z_channels": 16, "resolution": 32, "in_chan
 TINY_EMBED_DIM = 8
 # images/s of the official generator step, torch 2.13 CPU, 2 threads, same configuration (measured by the team).
 OFFICIAL_IMAGES_PER_SEC = {16_384: 11.0, 100_000: 3.8}
-FOLD_BLOCK = 128  # codes per scan iteration of the proposed CPU search (unrolled; compile time grows with it)
-# Step variants: name -> (use_gan, proposed search fix).
+# Step variants.
 LIBRARY = "generator (no GAN)"
-SEARCH_FIX = "generator (no GAN) + proposed fold search [not in the library]"
 GAN = "generator + GAN (D update, adaptive weight), for information"
-VARIANTS = {LIBRARY: (False, False), SEARCH_FIX: (False, True), GAN: (True, False)}
+VARIANTS = {LIBRARY: False, GAN: True}  # name -> use_gan
 
 
 def tiny_model_config() -> tuple[dict, int]:
@@ -116,54 +113,6 @@ def _convolution_only_vgg():
         lpips.Conv3x3 = original
 
 
-def fold_nearest_codes(z: jax.Array, codebook: jax.Array, *, chunk_size: int | None = None,
-                       block: int = FOLD_BLOCK) -> tuple[jax.Array, jax.Array]:
-    """`nearest_codes` (same indices and bitwise the same distances, same tie rule) without its variadic
-    (min, argmin) reduce, which XLA:CPU runs slowly: a scan over blocks of `block` codes, each code folded into a
-    running (best distance, best index) by element-wise ops over the tokens (the vector axis). `chunk_size` is
-    accepted and ignored. The proposed search for CPU, NOT what the library runs today."""
-    del chunk_size
-    z = jax.lax.stop_gradient(z).astype(jnp.float32)
-    codebook = jax.lax.stop_gradient(codebook).astype(jnp.float32)
-    num_codes, dim = codebook.shape
-    num_blocks = -(-num_codes // block)
-    blocks = jnp.pad(codebook, ((0, num_blocks * block - num_codes), (0, 0)), constant_values=jnp.inf)
-    blocks = blocks.reshape(num_blocks, block, dim)
-    zt = z.T  # [D, T]
-
-    def body(carry, inputs):
-        best_idx, best_dist = carry
-        codes, start = inputs
-        for b in range(block):
-            diff = zt[0] - codes[b, 0]
-            dist = diff * diff
-            for k in range(1, dim):  # strictly left to right, as search.squared_l2
-                diff = zt[k] - codes[b, k]
-                dist = dist + diff * diff
-            better = dist < best_dist  # strict: ties keep the lower index
-            best_dist = jnp.where(better, dist, best_dist)
-            best_idx = jnp.where(better, start + b, best_idx)
-        return (best_idx, best_dist), None
-
-    init = (jnp.zeros(z.shape[:1], jnp.int32), jnp.full(z.shape[:1], jnp.inf, jnp.float32))
-    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
-    (best_idx, best_dist), _ = jax.lax.scan(body, init, (blocks, starts))
-    return best_idx, best_dist
-
-
-@contextlib.contextmanager
-def _fold_search_in_quantizers():
-    """Makes the quantizers trace `fold_nearest_codes` instead of `nearest_codes` (for the proposal rows only)."""
-    from vqlc_jax.quantizers import base
-
-    original = base.nearest_codes
-    base.nearest_codes = fold_nearest_codes
-    try:
-        yield
-    finally:
-        base.nearest_codes = original
-
-
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         jax.block_until_ready(fn())
@@ -176,14 +125,13 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[floa
 
 
 def bench_step(num_codes: int, variant: str, args: argparse.Namespace, lpips_path: str) -> dict:
-    """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step; the proposal
-    variant swaps in `fold_nearest_codes` for `nearest_codes`."""
+    """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step."""
     from vqlc_jax import parallel
     from vqlc_jax.train.steps import train_step
     from vqlc_jax.train.trainer import build_run
 
     config = make_config(num_codes, args.batch, args.codebook_dim, args.chunk_size, lpips_path)
-    use_gan, search_fix = VARIANTS[variant]
+    use_gan = VARIANTS[variant]
     run = build_run(config)
     state = run.init_state()
     rng = np.random.default_rng(args.seed)
@@ -198,9 +146,7 @@ def bench_step(num_codes: int, variant: str, args: argparse.Namespace, lpips_pat
         donate_argnums=(0,))
     with jax.set_mesh(run.mesh):
         start = time.perf_counter()
-        with _fold_search_in_quantizers() if search_fix else contextlib.nullcontext():
-            lowered = step.lower(state, images, run.lpips_vars)
-        compiled = lowered.compile()
+        compiled = step.lower(state, images, run.lpips_vars).compile()
         compile_s = time.perf_counter() - start
         analysis = compiled.memory_analysis()
         temp = None if analysis is None else int(analysis.temp_size_in_bytes)
@@ -263,24 +209,25 @@ def bench_quantizer(run, state, args: argparse.Namespace) -> tuple[dict[str, flo
 
     parts = {
         "project codebook (N x 768 -> 8)": (jax.jit(lambda v: quantizer.apply(v, method="search_table")), (variables,)),
-        "search (nearest_codes, chunked)": (jax.jit(functools.partial(nearest_codes, chunk_size=args.chunk_size)),
-                                            (flat, table)),
-        "quantizer fwd + bwd (all of it)": (jax.jit(fwd_bwd), (variables, z)),
-        "alt. search: |e|^2 - 2 z.e matmul + argmin": (
+        "search (nearest_codes, method auto)": (
+            jax.jit(functools.partial(nearest_codes, chunk_size=args.chunk_size)), (flat, table)),
+        "search, method reduce (fused min/argmin per chunk)": (
+            jax.jit(functools.partial(nearest_codes, chunk_size=args.chunk_size, method="reduce")), (flat, table)),
+        "release's search: |e|^2 - 2 z.e matmul + argmin": (
             jax.jit(functools.partial(dot_search, chunk=args.chunk_size)), (flat, table)),
-        f"proposed search: element-wise fold, {FOLD_BLOCK}-code blocks": (jax.jit(fold_nearest_codes), (flat, table)),
+        "quantizer fwd + bwd (all of it)": (jax.jit(fwd_bwd), (variables, z)),
     }
     out = {}
     for name, (fn, fn_args) in parts.items():
         out[name] = statistics.median(time_calls(functools.partial(fn, *fn_args), 1, args.repeats)) * 1e3
-    ref_idx, ref_dist = parts["search (nearest_codes, chunked)"][0](flat, table)
-    alt_idx = parts["alt. search: |e|^2 - 2 z.e matmul + argmin"][0](flat, table)
-    fold_idx, fold_dist = jax.jit(fold_nearest_codes)(flat, table)
+    ref_idx, ref_dist = parts["search (nearest_codes, method auto)"][0](flat, table)
+    red_idx, red_dist = parts["search, method reduce (fused min/argmin per chunk)"][0](flat, table)
+    alt_idx = parts["release's search: |e|^2 - 2 z.e matmul + argmin"][0](flat, table)
     agreement = {
-        "alt. search (matmul): same indices": f"{float(np.mean(np.asarray(ref_idx) == np.asarray(alt_idx))):.2%}",
-        "proposed search (fold): same indices": f"{float(np.mean(np.asarray(ref_idx) == np.asarray(fold_idx))):.2%}",
-        "proposed search (fold): bitwise same distances": str(bool(np.array_equal(np.asarray(ref_dist),
-                                                                                   np.asarray(fold_dist)))),
+        "release's search (matmul): same indices": f"{float(np.mean(np.asarray(ref_idx) == np.asarray(alt_idx))):.2%}",
+        "auto vs reduce: same indices, bitwise same distances": str(bool(
+            np.array_equal(np.asarray(ref_idx), np.asarray(red_idx))
+            and np.array_equal(np.asarray(ref_dist).view(np.uint32), np.asarray(red_dist).view(np.uint32)))),
     }
     return out, agreement
 
@@ -317,8 +264,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per breakdown part (median)")
     parser.add_argument("--no-gan", action="store_true", help="skip the GAN-on rows")
-    parser.add_argument("--no-proposal", action="store_true",
-                        help="skip the row with the proposed fold search")
     parser.add_argument("--no-breakdown", action="store_true", help="skip timing the quantizer's parts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
@@ -326,7 +271,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.codes, args.warmup, args.steps, args.repeats = [4096], 1, 2, 2
-        args.no_gan = args.no_proposal = args.no_breakdown = True
+        args.no_gan = args.no_breakdown = True
     return args
 
 
@@ -347,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("Random LPIPS weights and a Gaussian codebook (speed only; loss values are meaningless).\n")
 
     rows, breakdowns, lpips_times = [], {}, None
-    variants = [LIBRARY] + ([] if args.no_proposal else [SEARCH_FIX]) + ([] if args.no_gan else [GAN])
+    variants = [LIBRARY] + ([] if args.no_gan else [GAN])
     with tempfile.TemporaryDirectory() as tmp:
         lpips_path = str(pathlib.Path(tmp) / "lpips_random.npz")
         write_random_lpips(pathlib.Path(lpips_path))
@@ -378,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {r['codes']:,} | {r['variant']} | {ours:.2f} | {official_s} | {ratio} | {r['median'] * 1e3:,.0f} | "
               f"{r['spread'][0] * 1e3:,.0f}-{r['spread'][1] * 1e3:,.0f} | {r['compile_s']:.1f} | {_mb(r['temp'])} |")
     print("\nRelease: the official generator step (no GAN), same configuration, measured by the team, torch 2.13 CPU "
-          "2 threads (/work/shared/notes/official_vqgan_lc.md). The release's GAN step was not measured; the "
-          "'[not in the library]' row runs a change this benchmark proposes, swapped in for the measurement only.")
+          "2 threads (/work/shared/notes/official_vqgan_lc.md). The release's GAN step was not measured.")
 
     if breakdowns:
         factor = 2 ** (len(ddconfig["ch_mult"]) - 1)

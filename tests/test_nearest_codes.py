@@ -1,4 +1,5 @@
-"""nearest_codes: agreement with brute force, bitwise chunk invariance (ties, ragged N), a million-code search."""
+"""nearest_codes: agreement with brute force, bitwise chunk and method invariance (ties, ragged N), a million-code
+search."""
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,12 @@ def _assert_bitwise_equal(a: tuple, b: tuple) -> None:
     np.testing.assert_array_equal(np.asarray(a[1]).view(np.uint32), np.asarray(b[1]).view(np.uint32))
 
 
-def test_matches_brute_force():
+@pytest.mark.parametrize("method", ["reduce", "fold"])
+def test_matches_brute_force(method):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(300, 8)).astype(np.float32)
     codebook = rng.normal(size=(1000, 8)).astype(np.float32)
-    idx, dist = nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk_size=128)
+    idx, dist = nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk_size=128, method=method)
     want_idx, want_dist = _brute_force(z, codebook)
     assert idx.dtype == jnp.int32 and dist.dtype == jnp.float32 and idx.shape == dist.shape == (300,)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
@@ -35,9 +37,11 @@ def test_chunked_equals_unchunked_bitwise(num_codes, dim):
     rng = np.random.default_rng(num_codes)
     z = jnp.asarray(rng.normal(size=(257, dim)).astype(np.float32))
     codebook = jnp.asarray(rng.normal(size=(num_codes, dim)).astype(np.float32))
-    whole = nearest_codes(z, codebook, chunk_size=None)
+    whole = nearest_codes(z, codebook, chunk_size=None, method="reduce")
     for chunk_size in (1, 7, 64, 100, 128, num_codes - 1, num_codes, 4 * num_codes):
-        _assert_bitwise_equal(nearest_codes(z, codebook, chunk_size=chunk_size), whole)
+        _assert_bitwise_equal(nearest_codes(z, codebook, chunk_size=chunk_size, method="reduce"), whole)
+    _assert_bitwise_equal(nearest_codes(z, codebook, method="fold"), whole)  # num_codes is not a multiple of 32
+    _assert_bitwise_equal(nearest_codes(z, codebook), whole)  # auto
 
 
 def test_ties_go_to_lowest_index_across_chunks():
@@ -46,13 +50,15 @@ def test_ties_go_to_lowest_index_across_chunks():
     duplicates = [5, 6, 12, 20, 50]  # copies inside chunk 0, across chunks 1 and 2, and in the ragged chunk
     codebook[duplicates] = codebook[5]
     z = np.concatenate([codebook[[5]] + 1e-3 * rng.normal(size=(40, 8)), codebook[[5]]]).astype(np.float32)
-    whole = nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk_size=None)
+    whole = nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk_size=None, method="reduce")
     np.testing.assert_array_equal(np.asarray(whole[0]), np.full(41, 5))
     np.testing.assert_array_equal(np.asarray(whole[0]), np.argmin(np.asarray(
         jnp.sum((jnp.asarray(z)[:, None] - jnp.asarray(codebook)[None]) ** 2, -1)), axis=1))
     assert float(whole[1][-1]) == 0.0
     for chunk_size in (1, 2, 6, 7, 13, 52):
-        _assert_bitwise_equal(nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk_size=chunk_size), whole)
+        _assert_bitwise_equal(nearest_codes(jnp.asarray(z), jnp.asarray(codebook), chunk_size=chunk_size,
+                                            method="reduce"), whole)
+    _assert_bitwise_equal(nearest_codes(jnp.asarray(z), jnp.asarray(codebook), method="fold"), whole)
 
 
 def test_sharded_batch_matches_unsharded():
@@ -61,7 +67,9 @@ def test_sharded_batch_matches_unsharded():
     z = jnp.asarray(rng.normal(size=(64, 8)).astype(np.float32))
     codebook = jnp.asarray(rng.normal(size=(300, 8)).astype(np.float32))
     z_sharded = jax.device_put(z, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    _assert_bitwise_equal(nearest_codes(z_sharded, codebook, chunk_size=64), nearest_codes(z, codebook, chunk_size=64))
+    for method in ("reduce", "fold"):
+        _assert_bitwise_equal(nearest_codes(z_sharded, codebook, chunk_size=64, method=method),
+                              nearest_codes(z, codebook, chunk_size=64, method="reduce"))
 
 
 def test_one_million_codes():
@@ -84,11 +92,12 @@ def test_no_gradient_flows_through_the_search():
     np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
-@pytest.mark.parametrize("z_shape,codebook_shape,chunk_size,message", [
-    ((4, 8), (10, 4), None, "latent dim"),
-    ((2, 4, 8), (10, 8), None, "expected z"),
-    ((4, 8), (10, 8), 0, "chunk_size"),
+@pytest.mark.parametrize("z_shape,codebook_shape,chunk_size,method,message", [
+    ((4, 8), (10, 4), None, "auto", "latent dim"),
+    ((2, 4, 8), (10, 8), None, "auto", "expected z"),
+    ((4, 8), (10, 8), 0, "auto", "chunk_size"),
+    ((4, 8), (10, 8), None, "argmin", "unknown method 'argmin'"),
 ])
-def test_bad_input(z_shape, codebook_shape, chunk_size, message):
+def test_bad_input(z_shape, codebook_shape, chunk_size, method, message):
     with pytest.raises(ValueError, match=message):
-        nearest_codes(jnp.zeros(z_shape), jnp.zeros(codebook_shape), chunk_size=chunk_size)
+        nearest_codes(jnp.zeros(z_shape), jnp.zeros(codebook_shape), chunk_size=chunk_size, method=method)
