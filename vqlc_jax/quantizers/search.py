@@ -13,8 +13,8 @@ unrolled, which suits the small latent dims of these models (D' = 8).
 Two strategies give the same indices and bitwise the same distances: `reduce`, a fused variadic (min, argmin)
 reduction over each chunk's [T, C] distances, and `fold`, which folds the codes one at a time into a running
 (distance, index) per token with element-wise ops over the tokens (a scan over blocks of FOLD_BLOCK codes, unrolled
-inside a block). XLA:CPU runs the variadic reduction slowly: at T = 4,096, D' = 8, `fold` takes 142 ms for 100,000
-codes against 817 ms (benchmarks/train_step.py), so `auto` picks `fold` on CPU for D <= FOLD_MAX_DIM and `reduce`
+inside a block). XLA:CPU runs the variadic reduction slowly: at T = 4,096, D' = 8, `fold` takes 166 ms for 100,000
+codes against 768 ms (benchmarks/train_step.py), so `auto` picks `fold` on CPU for D <= FOLD_MAX_DIM and `reduce`
 elsewhere.
 """
 
