@@ -91,6 +91,17 @@ def test_preempted_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
         np.testing.assert_allclose(final[1][path], final[0][path], rtol=1e-6, atol=1e-7, err_msg=str(path))
 
 
+def test_model_axis_2_trains_like_model_axis_1(uninterrupted, tmp_path):
+    # A (4, 2) mesh: the batch split over 4 devices, the frozen codebook's rows over 2 (trainer.PARTITION_RULES).
+    result = train_and_evaluate(smoke_config(**{"mesh.model_axis": 2}), tmp_path)
+    assert result["status"] == "done"
+    reference, metrics = read_metrics(uninterrupted[0]), read_metrics(tmp_path)
+    for step in (2, 4, 6):
+        for key in ("loss", "rec_loss", "quant_loss", "window_utilization"):
+            np.testing.assert_allclose(metrics[step][key], reference[step][key], rtol=1e-4, err_msg=f"{key}@{step}")
+    np.testing.assert_allclose(result["eval/psnr"], uninterrupted[1]["eval/psnr"], rtol=1e-4)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path, monkeypatch):
     train_and_evaluate(smoke_config(), tmp_path, preemption=StopAt(3))
     real = steps_lib.losses.reconstruction_loss
