@@ -18,19 +18,13 @@ Variant `quick`: a 1-2 minute smoke run (16 px model, N = 256, 10 steps, 32 vali
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from vqlc_jax.analysis.sweeps import load_config_file
+
 CONFIGS = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(path: pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,13 +40,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         ema=dict(name="ema", decay=0.99, eps=1e-5, alpha=1.0, beta=0.0),
                         lc=dict(name="lc", projector="linear"), lc_mlp=dict(name="lc", projector="mlp"))
 
-    train = _load(CONFIGS / "demo.py")
+    train = load_config_file(CONFIGS / "demo.py")
     train.total_steps = 300
     train.log_every_steps = 50
     train.eval_every_steps = train.checkpoint_every_steps = train.total_steps
     train.keep_checkpoints = 1
     train.loss.disc_start = train.total_steps
-    codebook = _load(CONFIGS / "codebook" / "demo.py").unlock()
+    codebook = load_config_file(CONFIGS / "codebook" / "demo.py").unlock()
     codebook.data.update(options={"resolution": 64}, resolution=64)
     codebook.extractor.pool = 1
     codebook.extract.images_per_shard = 1_408
