@@ -62,28 +62,24 @@ def set_steps(train: ml_collections.ConfigDict, steps: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 def build_codebook(config: ml_collections.ConfigDict, num_codes: int, rows_per_code: int,
                    directory: pathlib.Path) -> dict[str, Any]:
-    """Builds directory/codebook.npy [num_codes, D] from the train split's features: `vqlc_jax.codebook.build`
-    (extract, then global k-means) when the features hold >= rows_per_code rows per code, else a random selection
-    of feature rows with distinct values. Returns what the table notes need."""
+    """Builds directory/codebook.npy [num_codes, D] from the train split's features with `vqlc_jax.codebook.build`:
+    global k-means when the features hold >= rows_per_code rows per code, else a random selection of feature rows
+    with distinct values. The features are extracted once into the sweep's codebooks folder, shared by all sizes
+    (`analysis.sweeps.build_codebook`). Returns what the table notes need."""
+    from vqlc_jax.analysis import sweeps
     from vqlc_jax.codebook import build, extract
-    from vqlc_jax.codebook.kmeans import codebook_from_features, save_codebook
 
     start = time.perf_counter()
     config = copy.deepcopy(config)
-    config.codebook.update(mode="global", k=num_codes)
-    manifest = build.build(config, directory, "extract")
-    shards, _, _ = extract.open_features(directory / extract.FEATURES_DIR)
+    features = sweeps.features_dir(directory.parent.parent, config)  # WORKDIR/codebooks/features-<digest>
+    manifest = build.build(config, features, "extract")
+    kmeans = manifest["total_rows"] >= rows_per_code * num_codes
+    config.codebook.update(mode="global", k=num_codes, method="kmeans" if kmeans else "random_selection")
+    sweeps.build_codebook(config, directory, features, build.build)
+    method = (f"k-means ({config.kmeans.num_steps} steps of {config.kmeans.batch_size}, init {config.kmeans.init})"
+              if kmeans else "random selection of distinct rows")
+    shards, _, _ = extract.open_features(features / extract.FEATURES_DIR)
     rows = np.asarray(shards.read(np.arange(shards.num_rows)), np.float32)
-    if len(rows) >= rows_per_code * num_codes:
-        config.codebook.method = "kmeans"
-        build.build(config, directory, "cluster")
-        method = (f"k-means ({config.kmeans.num_steps} steps of {config.kmeans.batch_size}, init "
-                  f"{config.kmeans.init})")
-    else:
-        centres = codebook_from_features(rows, num_codes, "random_selection", seed=config.kmeans.seed)
-        save_codebook(directory, centres, {"method": "random_selection of distinct rows", "extractor":
-                                           manifest["extractor"], "dataset": manifest["dataset"]})
-        method = "random selection of distinct rows"
     codebook = np.load(directory / "codebook.npy")
     return {"num_codes": num_codes, "path": str(directory / "codebook.npy"), "method": method,
             "feature_rows": len(rows), "distinct_feature_rows": len(np.unique(rows, axis=0)),
