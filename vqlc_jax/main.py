@@ -1,6 +1,8 @@
-"""Train a tokenizer from an ml_collections config file.
+"""Train a tokenizer or a generator from an ml_collections config file (a config with a `generator` key trains
+the generator family it names on an encoded dataset; any other trains a tokenizer).
 
     python -m vqlc_jax.main --config configs/demo.py --workdir /tmp/vqlc_demo [--config.total_steps=100]
+    python -m vqlc_jax.main --config configs/gpt_demo.py --workdir /tmp/gpt_demo --config.data.encoded_dir=...
 
 Multi-host: JAX detects TPU pods and SLURM; otherwise pass --coordinator_address, --num_processes, --process_id.
 """
@@ -12,7 +14,7 @@ from vqlc_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the exported tokenizer.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the exported model.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
@@ -30,7 +32,10 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from vqlc_jax.train.trainer import train_and_evaluate
+    if "generator" in _CONFIG.value:
+        from vqlc_jax.train.generator import train_and_evaluate
+    else:
+        from vqlc_jax.train.trainer import train_and_evaluate
 
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("Finished: %s", result)

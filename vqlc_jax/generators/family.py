@@ -1,0 +1,61 @@
+"""What the generator trainer needs from a model family, and the registry it chooses from by `config.generator`.
+
+A family turns the config and the encoded dataset into a model, a pure loss and a pure sampler; the trainer
+(`vqlc_jax.train.generator`) owns optimisers, EMA, checkpoints and loops, and never looks inside a family.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+# config.generator -> "module:class" (imported on use, so a family's dependencies load only when it is chosen).
+FAMILIES = {"gpt": "vqlc_jax.generators.ar:GPTFamily"}
+
+
+class Family(abc.ABC):
+    """A generator family bound to a config and a dataset.
+
+    `fields`: the dataset arrays a batch carries (besides `label`): ("tokens",) or ("latents",).
+    `loss(params, batch, rng) -> (scalar, metrics)` and `sample(params, rng, labels, options) -> samples` are pure
+    (jit-able); `samples_to_tokens` gives the token maps whose code usage is counted (None: not a token model).
+    """
+
+    fields: tuple[str, ...]
+    num_classes: int
+    model: Any
+
+    @abc.abstractmethod
+    def init_params(self, rng: Array) -> PyTree:
+        """Fresh parameters."""
+
+    @abc.abstractmethod
+    def loss(self, params: PyTree, batch: dict[str, Array], rng: Array) -> tuple[Array, dict[str, Array]]:
+        """Training loss of one (sharded) batch."""
+
+    @abc.abstractmethod
+    def sample(self, params: PyTree, rng: Array, labels: Array, options: ml_collections.ConfigDict) -> Array:
+        """Samples for `labels` [B] with `options` (`config.sample`)."""
+
+    @abc.abstractmethod
+    def decode(self, tokenizer: Any, samples: np.ndarray) -> np.ndarray:
+        """Images [B, H, W, 3] in [-1, 1] from samples, with the tokenizer."""
+
+    def samples_to_tokens(self, tokenizer: Any, samples: np.ndarray) -> np.ndarray | None:
+        return None
+
+
+def make_family(config: ml_collections.ConfigDict, dataset: Any) -> Family:
+    """The family `config.generator` names, bound to `config` and the encoded `dataset`."""
+    if config.generator not in FAMILIES:
+        raise ValueError(f"config.generator={config.generator!r}: choices: {', '.join(sorted(FAMILIES))}")
+    module, name = FAMILIES[config.generator].split(":")
+    return getattr(importlib.import_module(module), name)(config, dataset)
