@@ -136,7 +136,10 @@ class Tokenizer:
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: not a directory written by Tokenizer.save")
         config = json.loads(config_file.read_text())
-        abstract = jax.eval_shape(build_vqgan(config).init, jax.random.key(0), _dummy_images(config))
+        # Restored onto this process's first device: the saved shardings name the devices of the writing process.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(
+            build_vqgan(config).init, jax.random.key(0), _dummy_images(config)))
         variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, dict(abstract))
         return cls(config, variables)
 

@@ -9,7 +9,8 @@ with a generator seeded by (seed, epoch, source index): independent of process c
 
 Without `drop_remainder` the last batch of an epoch is padded (positions past the end wrap to the start) and
 `mask` is False there, so evaluation metrics are exact. An unreadable image (error reading or decoding it) is
-replaced by the next readable index, logged once, counted in `Pipeline.skipped`, and masked out.
+replaced by the next readable index, logged once, counted in `Pipeline.skipped`, and masked out. The order and
+batch-index rules live in `BatchOrder`, which the encoded-dataset reader (`vqlc_jax.data.encoded`) shares.
 """
 
 from __future__ import annotations
@@ -74,23 +75,38 @@ class Batch:
         return {"image": self.image, "label": self.label, "index": self.index, "mask": self.mask}
 
 
-@dataclasses.dataclass
-class Pipeline:
-    """Iterable of `Batch`es from `start_step` to `num_steps` (forever when None). Build with `make_pipeline`."""
+@dataclasses.dataclass(frozen=True)
+class BatchOrder:
+    """Which examples global batch `step` holds and which of them this process reads (the module docstring's rules),
+    for any dataset of `num_examples` examples: the image pipeline and the encoded-dataset reader share it."""
 
-    source: Source
-    resolution: int
+    num_examples: int
     global_batch_size: int
     seed: int
-    train: bool
-    process_index: int
-    process_count: int
-    start_step: int
-    num_epochs: int | None
-    drop_remainder: bool
-    num_workers: int | None
-    prefetch: int
-    skipped: SkippedImages = dataclasses.field(default_factory=SkippedImages)
+    shuffle: bool
+    process_index: int = 0
+    process_count: int = 1
+    drop_remainder: bool = False
+
+    @classmethod
+    def for_split(cls, num_examples: int, *, global_batch_size: int, seed: int, train: bool, process_index: int,
+                  process_count: int, drop_remainder: bool | None) -> "BatchOrder":
+        """Training (shuffled, remainder dropped unless `drop_remainder` says otherwise) or evaluation (in order,
+        last batch padded) batches."""
+        return cls(num_examples, global_batch_size, seed, shuffle=train, process_index=process_index,
+                   process_count=process_count, drop_remainder=train if drop_remainder is None else drop_remainder)
+
+    def __post_init__(self) -> None:
+        g, p = self.global_batch_size, self.process_count
+        if g <= 0 or p <= 0 or g % p:
+            raise ValueError(f"global_batch_size={g} must be a positive multiple of process_count={p}")
+        if not 0 <= self.process_index < p:
+            raise ValueError(f"process_index={self.process_index} not in [0, process_count={p})")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"global_batch_size={g} exceeds the {self.num_examples} examples of the source "
+                             f"with drop_remainder={self.drop_remainder}: no full batch")
 
     @property
     def local_batch_size(self) -> int:
@@ -98,20 +114,22 @@ class Pipeline:
 
     @property
     def steps_per_epoch(self) -> int:
-        n, g = len(self.source), self.global_batch_size
+        n, g = self.num_examples, self.global_batch_size
         return n // g if self.drop_remainder else math.ceil(n / g)
 
-    @property
-    def num_steps(self) -> int | None:
-        return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def end_of_epoch(self, step: int) -> bool:
+        return (step + 1) % self.steps_per_epoch == 0
 
     def order(self, epoch: int) -> np.ndarray:
-        """Source indices of `epoch` in reading order."""
-        n = len(self.source)
-        return np.random.default_rng((self.seed, 0, epoch)).permutation(n) if self.train else np.arange(n)
+        """Example indices of `epoch` in reading order."""
+        n = self.num_examples
+        return np.random.default_rng((self.seed, 0, epoch)).permutation(n) if self.shuffle else np.arange(n)
 
     def batch_indices(self, step: int, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(source indices int64 [B], not-padding bool [B]) of this process's share of global batch `step`;
+        """(example indices int64 [B], not-padding bool [B]) of this process's share of global batch `step`;
         `order` may pass in `self.order(epoch)` already computed."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self.order(epoch) if order is None else order
@@ -119,17 +137,40 @@ class Pipeline:
         positions = np.arange(start, start + self.local_batch_size)
         return order[positions % len(order)].astype(np.int64), positions < len(order)
 
-    def __iter__(self) -> Iterator[Batch]:
-        steps = itertools.count(self.start_step) if self.num_steps is None else range(self.start_step, self.num_steps)
-        pending: collections.deque[tuple[int, np.ndarray, np.ndarray, np.ndarray, list[Future]]] = collections.deque()
+    def indexed_steps(self, start_step: int, num_epochs: int | None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(step, example indices, not-padding) of this process's batches from `start_step` to the end of epoch
+        `num_epochs` (forever when None)."""
+        end = None if num_epochs is None else num_epochs * self.steps_per_epoch
+        steps = itertools.count(start_step) if end is None else range(start_step, end)
         orders: dict[int, np.ndarray] = {}
+        for step in steps:
+            epoch = self.epoch(step)
+            if epoch not in orders:
+                orders = {epoch: self.order(epoch)}  # steps only go forward: keep one epoch's order
+            yield (step, *self.batch_indices(step, orders[epoch]))
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Iterable of `Batch`es from `start_step` to the end of epoch `num_epochs` (forever when None). Build with
+    `make_pipeline`."""
+
+    source: Source
+    resolution: int
+    batches: BatchOrder
+    train: bool
+    start_step: int
+    num_epochs: int | None
+    num_workers: int | None
+    prefetch: int
+    skipped: SkippedImages = dataclasses.field(default_factory=SkippedImages)
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending: collections.deque[tuple[int, np.ndarray, np.ndarray, np.ndarray, list[Future]]] = collections.deque()
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="vqlc-data") as pool:
             try:
-                for step in steps:
-                    epoch = step // self.steps_per_epoch
-                    if epoch not in orders:
-                        orders = {epoch: self.order(epoch)}  # steps only go forward: keep one epoch's order
-                    indices, mask = self.batch_indices(step, orders[epoch])
+                for step, indices, mask in self.batches.indexed_steps(self.start_step, self.num_epochs):
+                    epoch = self.batches.epoch(step)
                     images = np.empty((len(indices), self.resolution, self.resolution, 3), np.float32)
                     futures = [pool.submit(self._load, epoch, int(i), images, j) for j, i in enumerate(indices)]
                     pending.append((step, indices, mask, images, futures))
@@ -145,10 +186,9 @@ class Pipeline:
     def _collect(self, step: int, indices: np.ndarray, mask: np.ndarray, images: np.ndarray,
                  futures: list[Future]) -> Batch:
         labels, keys, replaced = zip(*(future.result() for future in futures))
-        return Batch(step=step, epoch=step // self.steps_per_epoch,
-                     end_of_epoch=(step + 1) % self.steps_per_epoch == 0, image=images,
-                     label=np.asarray(labels, np.int32), index=indices, mask=mask & ~np.asarray(replaced),
-                     keys=keys)
+        return Batch(step=step, epoch=self.batches.epoch(step), end_of_epoch=self.batches.end_of_epoch(step),
+                     image=images, label=np.asarray(labels, np.int32), index=indices,
+                     mask=mask & ~np.asarray(replaced), keys=keys)
 
     def _load(self, epoch: int, index: int, out: np.ndarray, slot: int) -> tuple[int, str, bool]:
         """Writes example `index` (or its stand-in) transformed into out[slot]; returns (label, key, replaced)."""
@@ -163,7 +203,7 @@ class Pipeline:
             except Exception as error:  # one bad file must not end the run
                 self.skipped.add(candidate, error)
                 continue
-            rng = np.random.default_rng((self.seed, 1, epoch, index)) if self.train else None
+            rng = np.random.default_rng((self.batches.seed, 1, epoch, index)) if self.train else None
             out[slot] = to_float(resize_crop(image, self.resolution, rng))
             return record.label, record.key, offset > 0
         raise RuntimeError(f"no readable image among source indices {index}..{index + offset} (mod {n}); at "
@@ -180,21 +220,11 @@ def make_pipeline(source: Source, *, resolution: int, global_batch_size: int, se
     train=False: source order, centre crops, one pass unless `num_epochs`, last batch padded and masked by default.
     `num_workers` threads decode (ThreadPoolExecutor's default when None); `prefetch` batches are read ahead.
     """
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                         f"process_count={process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    if seed < 0 or start_step < 0 or prefetch < 0 or resolution <= 0:
-        raise ValueError(f"seed={seed}, start_step={start_step}, prefetch={prefetch} must be >= 0 and "
-                         f"resolution={resolution} > 0")
-    pipeline = Pipeline(
-        source=source, resolution=resolution, global_batch_size=global_batch_size, seed=seed, train=train,
-        process_index=process_index, process_count=process_count, start_step=start_step,
-        num_epochs=1 if num_epochs is None and not train else num_epochs,
-        drop_remainder=train if drop_remainder is None else drop_remainder, num_workers=num_workers,
-        prefetch=prefetch)
-    if pipeline.steps_per_epoch == 0:
-        raise ValueError(f"global_batch_size={global_batch_size} exceeds the {len(source)} examples of the source "
-                         f"with drop_remainder=True: no full batch")
-    return pipeline
+    if start_step < 0 or prefetch < 0 or resolution <= 0:
+        raise ValueError(f"start_step={start_step}, prefetch={prefetch} must be >= 0 and resolution={resolution} > 0")
+    batches = BatchOrder.for_split(len(source), global_batch_size=global_batch_size, seed=seed, train=train,
+                                   process_index=process_index, process_count=process_count,
+                                   drop_remainder=drop_remainder)
+    return Pipeline(source=source, resolution=resolution, batches=batches, train=train, start_step=start_step,
+                    num_epochs=1 if num_epochs is None and not train else num_epochs, num_workers=num_workers,
+                    prefetch=prefetch)
