@@ -117,23 +117,45 @@ def evaluate_tokenizer(model: VQModel, variables: Any, data: ml_collections.Conf
     scalars.update(utilization=float(metrics.utilization(counts)), perplexity=float(metrics.perplexity(counts)),
                    num_images=float(n))
     if stats:
-        real, fake = (_merge_over_processes(s) for s in stats)
+        real, fake = (merge_over_processes(s) for s in stats)
         scalars["rfid"] = metrics.frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
     return EvalResult(scalars, dict(unavailable or {}), counts, np.asarray(originals), np.asarray(recons))
 
 
-def _merge_over_processes(stats: metrics.FeatureStats) -> metrics.FeatureStats:
-    if jax.process_count() == 1:
-        return stats
+def _allgather(tree: Any) -> Any:
+    """`process_allgather` of host arrays, stacked over processes on a new axis 0, keeping 64-bit dtypes exact
+    (without x64, JAX would carry them as 32 bits: they travel as uint32 words). Same shapes on every process."""
     from jax.experimental import multihost_utils
 
-    gathered = multihost_utils.process_allgather(
-        {"n": np.asarray(stats.n), "total": stats.total, "outer": stats.outer})
-    merged = metrics.FeatureStats.zeros(stats.total.shape[0])
-    for i in range(jax.process_count()):
-        part = metrics.FeatureStats(int(gathered["n"][i]), gathered["total"][i], gathered["outer"][i])
-        merged = merged.merge(part)
-    return merged
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.ascontiguousarray(np.atleast_1d(leaf)) for leaf in leaves]
+    words = [a.view(np.uint32) if a.dtype.itemsize == 8 else a for a in arrays]
+    gathered = multihost_utils.process_allgather(words)
+    return jax.tree.unflatten(treedef, [np.ascontiguousarray(g).view(a.dtype).reshape(len(g), *np.shape(leaf))
+                                        for g, a, leaf in zip(gathered, arrays, leaves)])
+
+
+def sum_over_processes(tree: Any) -> Any:
+    """Elementwise sums over processes of a tree of host arrays (the same shapes on every process)."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x: x.sum(axis=0), _allgather(tree))
+
+
+def concat_over_processes(rows: np.ndarray) -> np.ndarray:
+    """Every process's rows [n_p, ...] (n_p may differ), concatenated in process order."""
+    if jax.process_count() == 1:
+        return rows
+    counts = _allgather(np.int64(len(rows)))
+    padded = np.zeros((counts.max(), *rows.shape[1:]), rows.dtype)
+    padded[:len(rows)] = rows
+    return np.concatenate([part[:n] for part, n in zip(_allgather(padded), counts)])
+
+
+def merge_over_processes(stats: metrics.FeatureStats) -> metrics.FeatureStats:
+    """The union of every process's feature statistics."""
+    total = sum_over_processes({"n": np.int64(stats.n), "total": stats.total, "outer": stats.outer})
+    return metrics.FeatureStats(int(total["n"]), total["total"], total["outer"])
 
 
 def load_metric_models(lpips_path: str, fid_path: str) -> tuple[Model | None, Model | None, dict[str, str]]:

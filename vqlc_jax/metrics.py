@@ -1,4 +1,5 @@
-"""Reconstruction metrics: PSNR, PSNR-Y, SSIM, LPIPS, rFID statistics and codebook utilization.
+"""Reconstruction metrics (PSNR, PSNR-Y, SSIM, LPIPS, rFID statistics, codebook utilization) and generation metrics
+(Inception Score, k-NN precision and recall).
 
 Conventions (images NHWC, one value per image, [B]):
 - `psnr`, `psnr_y`, `ssim` take RGB in [0, 1]. `psnr_y` is PSNR on the BT.601 luma (BasicSR's `test_y_channel`,
@@ -12,6 +13,8 @@ Conventions (images NHWC, one value per image, [B]):
 - rFID: pool3 features of `models.inception.InceptionV3` (images in [0, 1]) accumulated on the host in float64
   (`FeatureStats`), compared with `frechet_distance`. The paper used clean-fid (PIL bicubic resize to 299), ours
   resizes bilinearly as pytorch-fid, so absolute numbers differ slightly from theirs.
+- `inception_score` and `precision_recall` take Inception logits and pool features as ADM's evaluator does (their
+  docstrings), host-side numpy, memory bounded.
 - Metrics needing pretrained weights load them with `load_lpips_model` / `load_fid_model`, which return
   `Unavailable(metric, reason)` instead of a model when no weights file is at hand: never random weights.
 """
@@ -33,9 +36,9 @@ from vqlc_jax.models.lpips import LPIPS
 from vqlc_jax.quantizers.utilization import code_counts, perplexity, utilization
 
 __all__ = [
-    "FeatureStats", "ReferenceStats", "Unavailable", "code_counts", "frechet_distance", "load_fid_model",
-    "load_lpips_model", "load_reference_stats", "lpips_distance", "perplexity", "psnr", "psnr_y", "rgb_to_y",
-    "save_reference_stats", "ssim", "utilization",
+    "FeatureStats", "ReferenceStats", "Unavailable", "code_counts", "frechet_distance", "inception_score",
+    "load_fid_model", "load_lpips_model", "load_reference_stats", "lpips_distance", "perplexity", "precision_recall",
+    "psnr", "psnr_y", "rgb_to_y", "save_reference_stats", "ssim", "utilization",
 ]
 
 # ITU-R BT.601 luma for RGB in [0, 1], output in [0, 1] (16..235 on the 8-bit scale), as BasicSR's rgb2ycbcr.
@@ -155,7 +158,10 @@ def load_lpips_model(weights_path: str | os.PathLike | None) -> tuple[LPIPS, dic
 
 
 def load_fid_model(weights_path: str | os.PathLike | None) -> tuple[InceptionV3, dict] | Unavailable:
-    """FID InceptionV3 from converted variables (`.npz`) or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`."""
+    """FID InceptionV3 from converted variables (`.npz`) or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+
+    The model gives pool features; the variables also hold the `fc` classifier that `InceptionV3(with_logits=True)`
+    needs when the file has it (`convert.inception_weights.has_logits`)."""
     from vqlc_jax.convert import inception_weights
 
     how = f"pytorch-fid's {inception_weights.PYTORCH_FID_FILE} or its .npz conversion is needed"
@@ -189,6 +195,78 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     tr_covmean = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def inception_score(logits: np.ndarray | jax.Array, num_splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over `num_splits` contiguous splits of exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits [N, C])
+    and p(y) its mean over the split, in float64.
+
+    Split i holds rows [i N // s, (i + 1) N // s) (torch-fidelity's bounds, without its shuffle; ADM's evaluator
+    takes 5,000-row chunks, the same splits at N = 50,000, and reports only the mean); std is the population std.
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"inception_score: logits {logits.shape}, expected [N, C]")
+    n = logits.shape[0]
+    if not 1 <= num_splits <= n:
+        raise ValueError(f"inception_score: num_splits={num_splits} must be in [1, N = {n}]")
+    scores = []
+    for i in range(num_splits):
+        part = logits[i * n // num_splits:(i + 1) * n // num_splits].astype(np.float64)
+        log_p = part - part.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        p = np.exp(log_p)
+        marginal = p.mean(axis=0)
+        log_marginal = np.log(np.where(marginal > 0, marginal, 1.0))  # a class with p(y) = 0 has p(y|x) = 0: no term
+        kl = np.sum(p * (log_p - log_marginal), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """max(|a|^2 - 2 a.b + |b|^2, 0) for rows of `a` [n, d] against rows of `b` [m, d], float32 (ADM's form)."""
+    a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
+    d = a @ b.T
+    d *= -2.0
+    d += np.einsum("ij,ij->i", a, a)[:, None]
+    d += np.einsum("ij,ij->i", b, b)[None, :]
+    return np.maximum(d, 0.0, out=d)
+
+
+def _knn_radii(features: np.ndarray, k: int, block_rows: int) -> np.ndarray:
+    """Squared distance of each row to its k-th nearest other row (the (k+1)-th smallest, itself at 0 included)."""
+    radii = np.empty(len(features), np.float32)
+    for start in range(0, len(features), block_rows):
+        d = _squared_distances(features[start:start + block_rows], features)
+        radii[start:start + block_rows] = np.partition(d, k, axis=1)[:, k]
+    return radii
+
+
+def precision_recall(real: np.ndarray | jax.Array, fake: np.ndarray | jax.Array, k: int = 3, *,
+                     block_rows: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) of features `fake` [M, D] against `real` [N, D].
+
+    As ADM's evaluator (its `ManifoldEstimator`, k = 3, no radius clamping): each set's manifold is the union of
+    balls around its points with radius the distance to the k-th nearest neighbour in the set (itself excluded);
+    precision = share of fake points inside the real manifold (distance <= radius of some real point), recall =
+    share of real points inside the fake manifold. Squared Euclidean distances as |x|^2 - 2 x.y + |y|^2 in float32,
+    `block_rows` rows at a time, so at most `block_rows` x max(N, M) distances exist at once. (ADM computes them in
+    float16 whenever finite, so its values can differ from these in the last few samples.)
+    """
+    real, fake = np.asarray(real), np.asarray(fake)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision_recall: real {real.shape} and fake {fake.shape} are not [N, D] and [M, D]")
+    if not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"precision_recall: k={k} needs 1 <= k < the smaller set size "
+                         f"(real {len(real)}, fake {len(fake)})")
+    real_radii, fake_radii = _knn_radii(real, k, block_rows), _knn_radii(fake, k, block_rows)
+    fake_in_real = np.zeros(len(fake), bool)
+    real_in_fake = np.zeros(len(real), bool)
+    for start in range(0, len(real), block_rows):
+        d = _squared_distances(real[start:start + block_rows], fake)  # [b, M]
+        fake_in_real |= np.any(d <= real_radii[start:start + block_rows, None], axis=0)
+        real_in_fake[start:start + block_rows] = np.any(d <= fake_radii[None, :], axis=1)
+    return float(fake_in_real.mean()), float(real_in_fake.mean())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""InceptionV3 pool3 features for FID, as pytorch-fid's `InceptionV3(output_blocks=[3])` with its FID weights.
+"""InceptionV3 pool3 features for FID (and the 1008-way logits for the Inception Score), as pytorch-fid's
+`InceptionV3(output_blocks=[3])` with its FID weights.
 
 pytorch-fid builds torchvision's `Inception3(num_classes=1008, aux_logits=False)` and swaps in the blocks ported
 from TensorFlow's 2015-12-05 graph: `FIDInceptionA` / `FIDInceptionC` / `FIDInceptionE_1` average-pool their pool
@@ -7,19 +8,45 @@ Every conv is torchvision's `BasicConv2d`: conv without bias, BatchNorm (eps 1e-
 ReLU. Modules are named after the torch attributes, so `Mixed_5b.branch1x1.conv.weight` maps to
 `params/Mixed_5b/branch1x1/conv/kernel` mechanically (`convert.inception_weights`). NHWC throughout; channel
 concatenation keeps torch's branch order.
+
+The Inception Score takes its logits as the original TF code did (improved-gan, ADM's evaluator, torch-fidelity's
+`logits_unbiased`): pool3 times the 2048 x 1008 `fc` weights, without the bias.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BN_EPS = 1e-3
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+LOGITS_DIM = 1008
 
 Pair = tuple[int, int]
+
+
+def resize_clean(images: np.ndarray, size: Pair = (INPUT_SIZE, INPUT_SIZE)) -> np.ndarray:
+    """clean-fid's resize (`make_resizer("PIL", False, "bicubic", size)`) on the host: uint8 [B, H, W, C] ->
+    float32 [B, *size, C] on the 0..255 scale, each channel resized as a PIL float image (mode "F") with bicubic
+    antialiasing, not clipped and not re-quantised."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"resize_clean: expected uint8 images [B, H, W, C], got {images.dtype} {images.shape}")
+
+    def channel(plane: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(plane.astype(np.float32)).resize(size[::-1], Image.Resampling.BICUBIC))
+
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # PIL releases the GIL while resampling
+        planes = pool.map(channel, (image[..., c] for image in images for c in range(images.shape[-1])))
+        planes = np.array(list(planes), np.float32)  # [B * C, *size]
+    return planes.reshape(len(images), images.shape[-1], *size).transpose(0, 2, 3, 1)
 
 
 def resize_bilinear(images: jax.Array, size: Pair) -> jax.Array:
@@ -139,7 +166,8 @@ class FIDInceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """Images [B, H, W, 3] in [0, 1] -> pool3 features [B, 2048] (pytorch-fid's 2048-d FID features).
+    """Images [B, H, W, 3] in [0, 1] -> pool3 features [B, 2048] (pytorch-fid's 2048-d FID features), or with
+    `with_logits` (pool3 [B, 2048], logits [B, 1008]) for the Inception Score (bias-free `fc`, module doc).
 
     As pytorch-fid: bilinear resize to 299x299 (`resize_input`; turn off to feed images already resized another
     way, e.g. clean-fid's), then x -> 2x - 1. Any input size >= 75 works without the resize. On GPU / TPU, apply
@@ -147,9 +175,10 @@ class InceptionV3(nn.Module):
     """
 
     resize_input: bool = True
+    with_logits: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
         x = images.astype(jnp.float32)
         if self.resize_input:
             x = resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
@@ -169,4 +198,7 @@ class InceptionV3(nn.Module):
         x = InceptionD(name="Mixed_7a")(x)
         x = FIDInceptionE(max_pool=False, name="Mixed_7b")(x)
         x = FIDInceptionE(max_pool=True, name="Mixed_7c")(x)
-        return jnp.mean(x, axis=(1, 2))
+        pool = jnp.mean(x, axis=(1, 2))
+        if not self.with_logits:
+            return pool
+        return pool, nn.Dense(LOGITS_DIM, use_bias=False, name="fc")(pool)
