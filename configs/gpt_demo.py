@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
         c.loss.chunk_size = 100
         c.sample.update(grid_classes=2, grid_per_class=4)
         c.eval.num_samples = 16
+        c.optimizer.warmup_steps = 2
     elif arg:
         raise ValueError(f"configs/gpt_demo.py: unknown variant {arg!r} (choices: smoke)")
     return c

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from vqlc_jax.generators import eval_config
 from vqlc_jax.generators.family import FAMILIES
 DTYPES = ("float32", "bfloat16")
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -49,7 +50,10 @@ def base_config(family: str = "gpt") -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, grid_classes=8, grid_per_class=8, use_ema=True))
     # Generation evaluation during training (the full job: `python -m vqlc_jax.generators.evaluate`).
-    c.eval = ml_collections.ConfigDict(dict(num_samples=1_000, batch_size=250, inception_path="", resize="clean"))
+    # FID needs `inception_path` (pytorch-fid's weights) and a reference: `reference_path` (an ADM .npz or saved
+    # statistics) or the real split `reference_data` (see vqlc_jax/generators/eval_config.py).
+    c.eval = eval_config.metrics_config()
+    c.eval.update(num_samples=1_000, batch_size=250)
     c.mesh = ml_collections.ConfigDict(dict(model_axis=1))
     return c
 

@@ -309,3 +309,115 @@ def write_generation_report(result: GenerationResult, output_dir: str | pathlib.
     if result.counts is not None:
         np.save(output / "gen_code_counts.npy", result.counts)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The generation job: python -m vqlc_jax.generators.evaluate --generator DIR --config configs/eval/<name>.py --output OUT
+# ----------------------------------------------------------------------------------------------------------------------
+def load_reference(config: Any, fid: tuple[Any, Any] | metrics.Unavailable, mesh: jax.sharding.Mesh | None = None
+                   ) -> tuple[metrics.ReferenceStats | None, np.ndarray | None]:
+    """The FID reference of `config`: `reference_path` (an ADM `.npz` with mu/sigma, or statistics saved by
+    `metrics.save_reference_stats`), else the statistics and features of the real split `reference_data` (with the
+    same resize), else (None, None)."""
+    if config.reference_path:
+        path = pathlib.Path(config.reference_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config.reference_path={str(path)!r}: no such file")
+        with np.load(path) as data:
+            ours = {"n", "description"} <= set(data.files)  # written by metrics.save_reference_stats
+        return (metrics.load_reference_stats(path) if ours else load_adm_reference(path)), None
+    d = config.reference_data
+    if not d.name or isinstance(fid, metrics.Unavailable):
+        return None, None
+    from vqlc_jax import data as data_lib
+
+    source = data_lib.make_source(d.name, d.split, dict(d.options))
+    source = data_lib.Subset(source, d.max_images) if d.max_images else source
+    batches = data_lib.make_pipeline(source, resolution=d.resolution, global_batch_size=config.batch_size, seed=0,
+                                     train=False, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    real = (batch.image[batch.mask] for batch in batches)
+    return reference_from_images(real, fid=fid, resize=config.resize, mesh=mesh,
+                                 description=f"{d.name} {d.split} ({len(source)} images)")
+
+
+def sample_batches(generator: Any, labels: np.ndarray, *, batch_size: int, seed: int, tokenizer: Any = None,
+                   sample_options: dict | None = None) -> Iterable[Batch]:
+    """(decoded images, token maps or None) of this process's share of `labels`, `batch_size` at a time; every
+    process yields the same number of batches, and the draws depend on (seed, batch index) only."""
+    tokenizer = tokenizer or generator.tokenizer()
+    shares = np.array_split(labels, jax.process_count())
+    mine, batches = shares[jax.process_index()], -(-len(shares[0]) // batch_size)
+    offset = sum(len(s) for s in shares[:jax.process_index()])
+    for b in range(batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        if not len(chunk):
+            yield np.zeros((0, 1, 1, 3), np.float32), None
+            continue
+        rng = jax.random.fold_in(jax.random.key(seed), offset + b * batch_size)
+        samples = generator.sample(rng, chunk, **(sample_options or {}))
+        yield generator.family.decode(tokenizer, samples), generator.family.samples_to_tokens(tokenizer, samples)
+
+
+def evaluate_generator(generator: Any, config: Any, output: str | pathlib.Path, *, name: str = "") -> dict:
+    """Samples `config.samples_per_class` per class (class-balanced), decodes them, and writes the generation
+    report (FID, IS, precision / recall where the Inception weights and a reference are given; utilization and
+    perplexity always) plus a grid of the first samples under `output`; returns the report."""
+    from absl import logging
+
+    from vqlc_jax.generators.sampling import class_balanced_labels
+
+    output = pathlib.Path(output)
+    num_classes = generator.family.num_classes
+    labels = class_balanced_labels(config.samples_per_class * num_classes, num_classes, seed=config.seed)
+    fid = metrics.load_fid_model(config.inception_path or None)
+    if isinstance(fid, metrics.Unavailable):
+        logging.warning("FID, IS and precision/recall unavailable: %s", fid.reason)
+    reference, features = load_reference(config, fid)
+    options = {k: v for k, v in config.sample.items() if v is not None}
+    result = evaluate_generated(
+        sample_batches(generator, labels, batch_size=config.batch_size, seed=config.seed, sample_options=options),
+        fid=fid, reference=reference, reference_features=features, num_codes=generator.info.num_codes,
+        resize=config.resize)
+    extra = {"sampling": {**generator.config.sample.to_dict(), **options}, "seed": config.seed,
+             "samples_per_class": config.samples_per_class, "num_classes": num_classes}
+    report = write_generation_report(result, output, name=name or generator.config.generator, extra=extra)
+    if jax.process_index() == 0:
+        from vqlc_jax.train.generator import save_sample_grid
+
+        grid_labels = labels[np.argsort(labels, kind="stable")][:64]
+        images = generator.generate(jax.random.key(config.seed), grid_labels, **options)
+        save_sample_grid(images, grid_labels, 8, output / "samples.png")
+    return report
+
+
+def main(argv):
+    from absl import flags, logging
+
+    from vqlc_jax.generators.generator import Generator
+
+    del argv
+    f = flags.FLAGS
+    if not (f.generator or f.workdir):
+        raise ValueError("pass --generator DIR (a Generator.save directory) or --workdir DIR (a training workdir)")
+    directory = pathlib.Path(f.generator or pathlib.Path(f.workdir) / "generator")
+    output = pathlib.Path(f.output or directory.parent / "gen_eval")
+    report = evaluate_generator(Generator.load(directory), f.config, output)
+    logging.info("%s", json.dumps(report["metrics"]))
+    print((output / "gen_eval.md").read_text())
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from vqlc_jax import parallel as _parallel
+
+    config_flags.DEFINE_config_file("config", None, "Generation evaluation config (configs/eval/gen_*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("generator", None, "A directory written by Generator.save (e.g. WORKDIR/generator).")
+    flags.DEFINE_string("workdir", None, "A generator training workdir (its generator/ is evaluated).")
+    flags.DEFINE_string("output", None, "Report directory (default: beside the generator, gen_eval/).")
+    flags.mark_flag_as_required("config")
+    _parallel.initialize_distributed()
+    app.run(main)
