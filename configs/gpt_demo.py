@@ -15,14 +15,14 @@ from vqlc_jax.generators.config import base_config
 def get_config(arg: str | None = None):
     c = base_config("gpt")
     c.global_batch_size = 32
-    c.total_steps = 600
+    c.total_steps = 400
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
-    c.eval_every_steps = 300
+    c.eval_every_steps = 200
     c.data.use_flips = True
     c.model.update(num_layers=4, num_heads=8, width=256, null_class=True)
     c.loss.update(class_dropout=0.1, chunk_size=512)
-    c.optimizer.update(lr=1e-3, warmup_steps=50, decay="cosine", weight_decay=0.05)
+    c.optimizer.update(lr=1e-3, warmup_steps=40, decay="cosine", weight_decay=0.05)
     c.ema.decay = 0.99
     c.sample.update(grid_classes=8, grid_per_class=8)
     c.eval.num_samples = 256
