@@ -57,3 +57,54 @@ def relative_error(got, want) -> float:
 
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def override(config, **overrides):
+    """`config` with dotted keys set (`override(c, **{"model.width": 32})`); returns it."""
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def read_metrics(workdir) -> dict:
+    """{step: metrics} of the loss lines of a run's `metrics.jsonl`."""
+    import json
+
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m for m in lines if "loss" in m}
+
+
+class StopAt:
+    """Stands in for SIGTERM: asks the training loop to stop once `step` steps have run."""
+
+    def __init__(self, step: int):
+        self.step, self.calls = step, 0
+
+    @property
+    def requested(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.step
+
+    def restore(self):
+        pass
+
+
+def metrics_of_local_processes(flags, tmp_path, step: int) -> dict:
+    """{processes: metrics at `step`} of the trainer run as 1 process x 4 devices and as 2 processes x 2 devices
+    (`launch/local_multiprocess.sh`, jax.distributed over loopback) with the command-line `flags`."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    results = {}
+    for processes, devices in ((1, 4), (2, 2)):
+        workdir = tmp_path / f"p{processes}"
+        subprocess.run(["bash", "launch/local_multiprocess.sh", str(processes), str(devices), *flags,
+                        "--workdir", str(workdir)], cwd=PROJECT_ROOT, env=env, check=True, timeout=600,
+                       capture_output=True)
+        results[processes] = read_metrics(workdir)[step]
+    return results

@@ -2,17 +2,14 @@
 tokenizer wrote with the encode job: training, sample grid, generation utilization, export and reload, preemption
 and resume, NaN guard, vocabulary mismatch, multi-process agreement."""
 
-import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, StopAt, metrics_of_local_processes, override, read_metrics
 from flax.traverse_util import flatten_dict
 
 from vqlc_jax import Tokenizer
@@ -46,35 +43,7 @@ def encoded(tmp_path_factory) -> pathlib.Path:
 
 
 def smoke_config(encoded_dir, **overrides):
-    config = gpt_demo.get_config("smoke")
-    config.data.encoded_dir = str(encoded_dir)
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
-
-
-def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m for m in lines if "loss" in m}
-
-
-class StopAt:
-    """Stands in for SIGTERM: asks the loop to stop once `step` steps have run."""
-
-    def __init__(self, step: int):
-        self.step, self.calls = step, 0
-
-    @property
-    def requested(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.step
-
-    def restore(self):
-        pass
+    return override(gpt_demo.get_config("smoke"), **{"data.encoded_dir": str(encoded_dir), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +113,9 @@ def test_config_that_does_not_fit_the_dataset_is_named(encoded, tmp_path, key, v
 
 def test_two_processes_agree_with_one(encoded, tmp_path):
     """1 process x 4 devices and 2 processes x 2 devices give the same losses (local jax.distributed)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    flags = ["--config", "configs/gpt_demo.py:smoke", f"--config.data.encoded_dir={encoded}",
-             "--config.total_steps=4", "--config.eval_every_steps=100", "--config.log_every_steps=4"]
-    results = {}
-    for processes, devices in ((1, 4), (2, 2)):
-        workdir = tmp_path / f"p{processes}"
-        subprocess.run(["bash", "launch/local_multiprocess.sh", str(processes), str(devices), *flags,
-                        "--workdir", str(workdir)], cwd=PROJECT_ROOT, env=env, check=True, timeout=600,
-                       capture_output=True)
-        results[processes] = read_metrics(workdir)[4]
+    results = metrics_of_local_processes(
+        ["--config", "configs/gpt_demo.py:smoke", f"--config.data.encoded_dir={encoded}", "--config.total_steps=4",
+         "--config.eval_every_steps=100", "--config.log_every_steps=4"], tmp_path, step=4)
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(results[2][key], results[1][key], rtol=1e-5, err_msg=key)
 
@@ -189,3 +151,33 @@ def test_generation_eval_job_reports_usage_and_inception_metrics(uninterrupted, 
         assert np.isfinite(report["metrics"][key]), key
     assert report["resize"] == "clean" and "bundled validation (16 images)" in report["fid_protocol"]
     assert (tmp_path / "report" / "gen_eval.md").is_file() and (tmp_path / "report" / "samples.png").is_file()
+
+
+def test_dit_trains_on_latents_samples_and_exports(encoded, tmp_path):
+    """DiT on the same encoded dataset: normalised latents in, guided DDPM samples decoded through the codes."""
+    from configs import dit_demo
+
+    config = override(dit_demo.get_config("smoke"), **{"data.encoded_dir": str(encoded)})
+    result = train_and_evaluate(config, tmp_path)
+    assert result["status"] == "done"
+    metrics = read_metrics(tmp_path)
+    for m in metrics.values():
+        assert np.isfinite(m["loss"]) and m["loss"] == pytest.approx(m["mse"] + m["vb"], rel=1e-4)
+    assert 0 < result["eval/gen_utilization"] <= 1 and (tmp_path / "samples_0000004.png").is_file()
+
+    generator = Generator.load(tmp_path / "generator")
+    latents = generator.sample(jax.random.key(0), np.array([0, 3], np.int32))
+    assert latents.shape == (2, 8, 8, 4) and np.isfinite(latents).all()
+    assert generator.generate(jax.random.key(0), np.array([0, 3], np.int32)).shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("family", ["sit", "ldm"])
+def test_sit_and_ldm_train_on_latents_and_sample(encoded, tmp_path, family):
+    import importlib
+
+    demo = importlib.import_module(f"configs.{family}_demo")
+    result = train_and_evaluate(override(demo.get_config("smoke"), **{"data.encoded_dir": str(encoded)}), tmp_path)
+    assert result["status"] == "done" and np.isfinite(read_metrics(tmp_path)[4]["loss"])
+    assert 0 < result["eval/gen_utilization"] <= 1
+    latents = Generator.load(tmp_path / "generator").sample(jax.random.key(0), np.array([1, 2], np.int32))
+    assert latents.shape == (2, 8, 8, 4) and np.isfinite(latents).all()

@@ -1,17 +1,13 @@
 """The trainer end to end on the bundled photos (`configs/demo.py:smoke`, 8 fake CPU devices): training, GAN
 switch-on, evaluation, export, preemption and resume, NaN guard, config errors, multi-process agreement."""
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, StopAt, metrics_of_local_processes, override, read_metrics
 
 from vqlc_jax import Tokenizer
 from vqlc_jax.train import config as config_lib
@@ -23,34 +19,7 @@ from configs import demo  # noqa: E402
 
 
 def smoke_config(**overrides):
-    config = demo.get_config("smoke")
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
-
-
-def read_metrics(workdir: pathlib.Path) -> dict[int, dict]:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m for m in lines if "loss" in m}
-
-
-class StopAt:
-    """Stands in for SIGTERM: asks the loop to stop once `step` steps have run."""
-
-    def __init__(self, step: int):
-        self.step, self.calls = step, 0
-
-    @property
-    def requested(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.step
-
-    def restore(self):
-        pass
+    return override(demo.get_config("smoke"), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +100,8 @@ def test_config_typo_is_named():
 
 def test_two_processes_agree_with_one(tmp_path):
     """1 process x 4 devices and 2 processes x 2 devices give the same losses (local jax.distributed)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    flags = ["--config", "configs/demo.py:smoke", "--config.total_steps=4", "--config.eval_every_steps=100",
-             "--config.log_every_steps=4"]
-    results = {}
-    for processes, devices in ((1, 4), (2, 2)):
-        workdir = tmp_path / f"p{processes}"
-        subprocess.run(["bash", "launch/local_multiprocess.sh", str(processes), str(devices), *flags,
-                        "--workdir", str(workdir)], cwd=PROJECT_ROOT, env=env, check=True, timeout=600,
-                       capture_output=True)
-        results[processes] = read_metrics(workdir)[4]
+    results = metrics_of_local_processes(
+        ["--config", "configs/demo.py:smoke", "--config.total_steps=4", "--config.eval_every_steps=100",
+         "--config.log_every_steps=4"], tmp_path, step=4)
     for key in ("loss", "rec_loss", "quant_loss", "d_loss", "window_utilization"):
         np.testing.assert_allclose(results[2][key], results[1][key], rtol=1e-5, err_msg=key)

@@ -15,9 +15,7 @@ from vqlc_jax import parallel
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the exported model.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+_START_DISTRIBUTED = parallel.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,7 +29,7 @@ class _QuietLibraries:
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _START_DISTRIBUTED()
     if "generator" in _CONFIG.value:
         from vqlc_jax.train.generator import train_and_evaluate
     else:

@@ -30,6 +30,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize()
 
 
+def define_distributed_flags():
+    """Defines the manual multi-process flags of a command line; returns `start()`, which calls
+    `initialize_distributed` with their values (after absl has parsed them)."""
+    from absl import flags
+
+    coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process).")
+    num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
+    process_id = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+    return lambda: initialize_distributed(coordinator.value, num_processes.value, process_id.value)
+
+
 def make_mesh(model_axis: int = 1, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A (data, model) mesh over all devices; `model_axis` must divide the device count."""
     devices = list(devices or jax.devices())

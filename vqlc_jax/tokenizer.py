@@ -10,7 +10,6 @@ Every call is jit-compiled (one compilation per input shape) and checks its inpu
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Mapping
 
@@ -18,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
-
+from vqlc_jax import export
 from vqlc_jax.models.vqgan import VQModel, build_vqgan
 
 CONFIG_FILE = "tokenizer.json"
@@ -50,6 +47,10 @@ class Tokenizer:
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x))
         self._tokenize = jax.jit(lambda v, x: self.model.apply(v, x, method=VQModel.tokenize))
         self._decode = jax.jit(lambda v, i: self.model.apply(v, i, method=VQModel.decode_indices))
+        self._quantize_latents = jax.jit(lambda v, z: self.model.apply(v, z, method=VQModel.quantize_latents))
+        self._decode_latents = jax.jit(
+            lambda v, z, quantize: self.model.apply(v, z, quantize, method=VQModel.decode_latents),
+            static_argnums=2)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction
@@ -101,6 +102,14 @@ class Tokenizer:
         """int32 tokens [B, h, w] -> images [B, h*f, w*f, C]."""
         return self._decode(self.variables, self._check_indices(indices))
 
+    def quantize_latents(self, latents) -> jax.Array:
+        """Pre-quantization latents [B, h, w, D'] -> int32 tokens [B, h, w] (nearest codes)."""
+        return self._quantize_latents(self.variables, self._check_latents(latents))
+
+    def decode_latents(self, latents, *, quantize: bool = True) -> jax.Array:
+        """Latents [B, h, w, D'] -> images: through the nearest codes (the release's way) or directly."""
+        return self._decode_latents(self.variables, self._check_latents(latents), quantize)
+
     def reconstruct(self, images):
         """Images -> (reconstructions, tokens, aux); aux holds `quant_loss`, the latents `z` and search distances."""
         return self._apply(self.variables, self._check_images(images))
@@ -113,35 +122,15 @@ class Tokenizer:
 
         In a multi-process job every process calls it (orbax writes each array once); the directory must be shared.
         """
-        directory = pathlib.Path(directory).absolute()
-        target = directory / VARIABLES_DIR
-        exists = target.exists()
-        if jax.process_count() > 1:  # every process has looked before any writes
-            multihost_utils.sync_global_devices(f"tokenizer save {directory}")
-        if exists:
-            raise FileExistsError(f"{target} already exists; choose an empty directory (nothing was overwritten)")
-        directory.mkdir(parents=True, exist_ok=True)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(target, self.variables)
-        checkpointer.wait_until_finished()
-        if jax.process_index() == 0:
-            (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=1, sort_keys=True))
-        return directory
+        return export.save(directory, self.variables, arrays_dir=VARIABLES_DIR, meta_file=CONFIG_FILE,
+                           meta=self.config.to_dict())
 
     @classmethod
     def load(cls, directory: str | pathlib.Path) -> "Tokenizer":
         """Reads what `save` wrote."""
-        directory = pathlib.Path(directory).absolute()
-        config_file = directory / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a directory written by Tokenizer.save")
-        config = json.loads(config_file.read_text())
-        # Restored onto this process's first device: the saved shardings name the devices of the writing process.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(
-            build_vqgan(config).init, jax.random.key(0), _dummy_images(config)))
-        variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, dict(abstract))
-        return cls(config, variables)
+        config = export.read_meta(directory, CONFIG_FILE, "Tokenizer.save")
+        abstract = jax.eval_shape(build_vqgan(config).init, jax.random.key(0), _dummy_images(config))
+        return cls(config, export.restore(directory, VARIABLES_DIR, dict(abstract)))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks
@@ -168,6 +157,15 @@ class Tokenizer:
         if lo < -MAX_ABS_INPUT or hi > MAX_ABS_INPUT:
             raise ValueError(f"images: values span [{lo:g}, {hi:g}], far outside [-1, 1] (rescale the input)")
         return images
+
+    def _check_latents(self, latents) -> jax.Array:
+        shape, d = tuple(np.shape(latents)), int(self.config.embed_dim)
+        if len(shape) != 4 or shape[-1] != d:
+            raise ValueError(f"latents: expected [B, h, w, {d}] (embed_dim={d}), got shape {shape}")
+        latents = jnp.asarray(latents, jnp.float32)
+        if not bool(jnp.isfinite(latents).all()):
+            raise ValueError("latents: contain NaN or Inf")
+        return latents
 
     def _check_indices(self, indices) -> jax.Array:
         shape = tuple(np.shape(indices))

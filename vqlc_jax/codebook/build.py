@@ -153,15 +153,13 @@ def cli(stage: str | None = None) -> None:
                                              lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Directory for the features, k-means checkpoints and codebook.")
     stage_flag = None if stage else flags.DEFINE_enum("stage", "all", STAGES, "Which part of the job to run.")
-    coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process).")
-    num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
-    process_id = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+    start_distributed = parallel.define_distributed_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        parallel.initialize_distributed(coordinator.value, num_processes.value, process_id.value)
+        start_distributed()
         result = build(config.value, workdir.value, stage or stage_flag.value)
         logging.info("Finished: %s", {k: result[k] for k in SUMMARY_KEYS if k in result})
 

@@ -16,19 +16,16 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization, traverse_util
 from PIL import Image
 
-from vqlc_jax.convert.torch_layout import default_path, map_state_dict
+from vqlc_jax.convert.hf_checkpoint import load_params, read_config, resolve_checkpoint
+from vqlc_jax.convert.torch_layout import default_path
 from vqlc_jax.models.clip import CLIPVisionSettings, CLIPVisionTower, hidden_state_index
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as transformers' OPENAI_CLIP_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_PREPROCESSING = {"image_size": 224, "crop_size": 224, "mean": CLIP_MEAN, "std": CLIP_STD}
-CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
-# Searched in this order; the first present is loaded.
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 # Top-level modules of transformers 5's flat `CLIPVisionModel` (other checkpoints nest them under `vision_model.`).
 _VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
@@ -110,51 +107,9 @@ def preprocessing_settings(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id's snapshot in the local Hugging Face cache (never downloads)."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(path_or_hub_id), local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError) as err:
-        raise FileNotFoundError(
-            f"{str(path_or_hub_id)!r} is neither a local folder nor a hub id in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); download it where there is internet (`hf download {path_or_hub_id}`) "
-            f"and copy the folder or the cache here"
-        ) from err
-
-
 def read_vision_config(folder: Path) -> CLIPVisionSettings:
     """The vision tower's settings from `folder/config.json` (a CLIPVisionConfig or a full CLIPConfig)."""
-    file = folder / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}")
-    cfg = json.loads(file.read_text())
-    if cfg.get("model_type") not in CLIP_MODEL_TYPES:
-        raise ValueError(f"{file}: model_type {cfg.get('model_type')!r} is not one of {CLIP_MODEL_TYPES}")
-    return CLIPVisionSettings.from_hf(cfg)
-
-
-def read_state(file: Path) -> dict[str, np.ndarray]:
-    """Flat {dotted name: array} of a `model.safetensors`, `pytorch_model.bin` or (old transformers) Flax msgpack.
-
-    The msgpack holds the FlaxCLIP params tree (`vision_model/encoder/layers/0/self_attn/q_proj/kernel`, Flax
-    layouts); its names are dotted, so `default_path` turns `layers.0` into `layers_0` like a torch key.
-    """
-    if file.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(file)
-    if file.suffix == ".msgpack":
-        tree = serialization.msgpack_restore(file.read_bytes())
-        return {".".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
-    from vqlc_jax.convert.torch_file import load_torch_file, state_dict_from_checkpoint
-
-    return state_dict_from_checkpoint(load_torch_file(file))
+    return CLIPVisionSettings.from_hf(read_config(folder, CLIP_MODEL_TYPES))
 
 
 def checkpoint_key_to_path(key: str, *, with_projection: bool = True) -> tuple[str, ...] | None:
@@ -174,17 +129,8 @@ def checkpoint_key_to_path(key: str, *, with_projection: bool = True) -> tuple[s
 
 
 def load_vision_params(folder: Path, template: Mapping, *, with_projection: bool = True) -> dict:
-    """The tower's `params` from the first of WEIGHT_NAMES in `folder`, checked against `template`."""
-    file = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{folder} has none of the weight files {', '.join(WEIGHT_NAMES)}")
-    variables = map_state_dict(
-        read_state(file),
-        template,
-        key_to_path=lambda key: checkpoint_key_to_path(key, with_projection=with_projection),
-        source=str(file),
-    )
-    return variables["params"]
+    """The tower's `params` from the folder's weights file (`hf_checkpoint.load_params`), checked against `template`."""
+    return load_params(folder, template, lambda key: checkpoint_key_to_path(key, with_projection=with_projection))
 
 
 # ----------------------------------------------------------------------------------------------- features

@@ -107,3 +107,24 @@ def load_official_dit(source: str | pathlib.Path | Mapping[str, Any], *, num_hea
     name = "state dict" if isinstance(source, Mapping) else str(source)
     return dit_from_state_dict(read_dit_state_dict(source), num_heads=num_heads, dtype=dtype, remat=remat,
                                source=name)
+
+
+def load_official_sit(source: str | pathlib.Path | Mapping[str, Any], *, num_heads: int, dtype: Any = jnp.float32,
+                      remat: bool = False) -> tuple[DiT, dict]:
+    """(DiT, variables) from a release SiT checkpoint (`sit-lc/models.py`: DiT's layout, read as `load_official_dit`).
+
+    SiT's forward keeps only the first C of the 2C channels its learn_sigma head computes, so the rows of
+    `final_layer.linear` that give the discarded half are dropped: the model is a `learn_sigma=False` DiT whose
+    `apply(variables, x, t, y)` (t in [0, 1]) is the release's forward output in NHWC.
+    """
+    name = "state dict" if isinstance(source, Mapping) else str(source)
+    state = read_dit_state_dict(source)
+    conv, weight = state.get("x_embedder.proj.weight"), state.get("final_layer.linear.weight")
+    if conv is not None and weight is not None and np.ndim(conv) == 4 and np.ndim(weight) == 2:
+        patches, channels = conv.shape[2] * conv.shape[3], conv.shape[1]
+        if weight.shape[0] == 2 * channels * patches:  # features ordered (p, q, channel): keep channels < C
+            for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+                if key in state and np.shape(state[key])[:1] == weight.shape[:1]:  # else the mismatch is reported
+                    a = np.asarray(state[key])
+                    state[key] = a.reshape(patches, 2 * channels, -1)[:, :channels].reshape(-1, *a.shape[1:])
+    return dit_from_state_dict(state, num_heads=num_heads, dtype=dtype, remat=remat, source=name)

@@ -13,10 +13,11 @@ from typing import Any
 OFFICIAL_LOADERS: dict[str, str | None] = {
     "gpt": "vqlc_jax.convert.official_gpt:load_official_gpt",
     "dit": "vqlc_jax.convert.official_dit:load_official_dit",
-    "sit": None,
+    "sit": "vqlc_jax.convert.official_dit:load_official_sit",
     "ldm": "vqlc_jax.convert.official_ldm:load_official_ldm",
     "fqgan": None,
     "far": None,
+    "vit": "vqlc_jax.convert.mae_weights:load_official_vit",
 }
 
 

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from vqlc_jax import losses
-from vqlc_jax.generators.family import Family
+from vqlc_jax.generators.family import Family, check_size, drop_labels
 from vqlc_jax.models.gpt import GPT
 
 Array = jax.Array
@@ -31,25 +31,11 @@ def corrupt_tokens(rng: Array, tokens: Array, *, pkeep: float, vocab_size: int) 
     return jnp.where(keep, tokens, jax.random.randint(k_ids, tokens.shape, 0, vocab_size, tokens.dtype))
 
 
-def drop_labels(rng: Array, labels: Array, *, rate: float, null_label: int) -> Array:
-    """Labels replaced by `null_label` with probability `rate` (classifier-free guidance training)."""
-    if rate <= 0.0:
-        return labels
-    return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_label, labels)
-
-
 def build_gpt(config: ml_collections.ConfigDict, *, num_codes: int, num_classes: int, num_tokens: int) -> GPT:
     m = config.model
     return GPT(num_codes=num_codes, num_classes=num_classes, block_size=num_tokens + 1, num_layers=m.num_layers,
                num_heads=m.num_heads, width=m.width, variant=m.variant, null_class=m.null_class,
                dtype=jnp.dtype(m.dtype), remat=m.remat)
-
-
-def _check_size(config: ml_collections.ConfigDict, key: str, from_data: int, where: str) -> None:
-    stated = config.model[key]
-    if stated and stated != from_data:
-        raise ValueError(f"config.model.{key}={stated} does not match the {from_data} of the encoded dataset "
-                         f"{where} (set 0 to read it off the dataset)")
 
 
 class GPTFamily(Family):
@@ -58,8 +44,8 @@ class GPTFamily(Family):
     def __init__(self, config: ml_collections.ConfigDict, dataset):
         self.config = config
         where = str(getattr(dataset, "directory", "")) or "given"
-        _check_size(config, "num_codes", dataset.num_codes, where)
-        _check_size(config, "num_classes", dataset.num_classes, where)
+        check_size(config, "num_codes", dataset.num_codes, where)
+        check_size(config, "num_classes", dataset.num_classes, where)
         self.num_codes, self.num_classes = int(dataset.num_codes), int(dataset.num_classes)
         self.token_shape = tuple(dataset.token_shape)
         self.num_tokens = int(np.prod(self.token_shape))

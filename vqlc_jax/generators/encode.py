@@ -206,15 +206,13 @@ def cli() -> None:
                                              lock_config=True)
     tokenizer = flags.DEFINE_string("tokenizer", None, "Tokenizer directory (Tokenizer.save, the trainer's export).")
     workdir = flags.DEFINE_string("workdir", None, "Directory for the encoded shards and manifest.")
-    coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process).")
-    num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
-    process_id = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+    start_distributed = parallel.define_distributed_flags()
     flags.mark_flags_as_required(["config", "tokenizer", "workdir"])
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        parallel.initialize_distributed(coordinator.value, num_processes.value, process_id.value)
+        start_distributed()
         manifest = encode_dataset(config.value, tokenizer.value, workdir.value)
         logging.info("Finished: %s", {k: manifest[k] for k in ("total_images", "skipped", "num_shards",
                                                                  "token_shape", "latent_shape", "latent_mean",

@@ -391,33 +391,35 @@ def evaluate_generator(generator: Any, config: Any, output: str | pathlib.Path, 
     return report
 
 
-def main(argv):
-    from absl import flags, logging
+def cli() -> None:
+    from absl import app, flags, logging
+    from ml_collections import config_flags
 
     from vqlc_jax.generators.generator import Generator
 
-    del argv
-    f = flags.FLAGS
-    if not (f.generator or f.workdir):
-        raise ValueError("pass --generator DIR (a Generator.save directory) or --workdir DIR (a training workdir)")
-    directory = pathlib.Path(f.generator or pathlib.Path(f.workdir) / "generator")
-    output = pathlib.Path(f.output or directory.parent / "gen_eval")
-    report = evaluate_generator(Generator.load(directory), f.config, output)
-    logging.info("%s", json.dumps(report["metrics"]))
-    print((output / "gen_eval.md").read_text())
+    config = config_flags.DEFINE_config_file("config", None, "Generation evaluation config (configs/eval/gen_*.py).",
+                                             lock_config=True)
+    generator = flags.DEFINE_string("generator", None, "A directory written by Generator.save (WORKDIR/generator).")
+    workdir = flags.DEFINE_string("workdir", None, "A generator training workdir (its generator/ is evaluated).")
+    output = flags.DEFINE_string("output", None, "Report directory (default: beside the generator, gen_eval/).")
+    flags.mark_flag_as_required("config")
+    start_distributed = parallel.define_distributed_flags()
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not (generator.value or workdir.value):
+            raise app.UsageError("pass --generator DIR (a Generator.save directory) or --workdir DIR (a training "
+                                 "workdir)")
+        start_distributed()
+        directory = pathlib.Path(generator.value or pathlib.Path(workdir.value) / "generator")
+        out = pathlib.Path(output.value or directory.parent / "gen_eval")
+        report = evaluate_generator(Generator.load(directory), config.value, out)
+        logging.info("%s", json.dumps(report["metrics"]))
+        print((out / "gen_eval.md").read_text())
+
+    app.run(main)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from vqlc_jax import parallel as _parallel
-
-    config_flags.DEFINE_config_file("config", None, "Generation evaluation config (configs/eval/gen_*.py).",
-                                    lock_config=True)
-    flags.DEFINE_string("generator", None, "A directory written by Generator.save (e.g. WORKDIR/generator).")
-    flags.DEFINE_string("workdir", None, "A generator training workdir (its generator/ is evaluated).")
-    flags.DEFINE_string("output", None, "Report directory (default: beside the generator, gen_eval/).")
-    flags.mark_flag_as_required("config")
-    _parallel.initialize_distributed()
-    app.run(main)
+    cli()

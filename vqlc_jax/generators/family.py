@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -18,7 +19,8 @@ Array = jax.Array
 PyTree = Any
 
 # config.generator -> "module:class" (imported on use, so a family's dependencies load only when it is chosen).
-FAMILIES = {"gpt": "vqlc_jax.generators.ar:GPTFamily"}
+FAMILIES = {"gpt": "vqlc_jax.generators.ar:GPTFamily", "dit": "vqlc_jax.generators.latent:DiTFamily",
+            "sit": "vqlc_jax.generators.latent:SiTFamily", "ldm": "vqlc_jax.generators.latent:LDMFamily"}
 
 
 class Family(abc.ABC):
@@ -51,6 +53,21 @@ class Family(abc.ABC):
 
     def samples_to_tokens(self, tokenizer: Any, samples: np.ndarray) -> np.ndarray | None:
         return None
+
+
+def drop_labels(rng: Array, labels: Array, *, rate: float, null_label: int) -> Array:
+    """Labels replaced by `null_label` with probability `rate` (classifier-free guidance training)."""
+    if rate <= 0.0:
+        return labels
+    return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_label, labels)
+
+
+def check_size(config: ml_collections.ConfigDict, key: str, from_data: int, where: str) -> None:
+    """A size the config states (`model.<key>`, 0: unstated) must be the encoded dataset's."""
+    stated = config.model[key]
+    if stated and stated != from_data:
+        raise ValueError(f"config.model.{key}={stated} does not match the {from_data} of the encoded dataset "
+                         f"{where} (set 0 to read it off the dataset)")
 
 
 def make_family(config: ml_collections.ConfigDict, dataset: Any) -> Family:

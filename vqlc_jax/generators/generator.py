@@ -8,16 +8,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from vqlc_jax import export
 from vqlc_jax.generators.family import Family, make_family
 
 CONFIG_FILE = "generator.json"
@@ -32,13 +30,16 @@ class DatasetInfo:
     num_classes: int
     token_shape: tuple[int, ...]
     latent_shape: tuple[int, ...]
+    latent_mean: tuple[float, ...] = ()
+    latent_std: tuple[float, ...] = ()
     tokenizer_dir: str = ""
     directory: str = ""
 
     @classmethod
     def of(cls, dataset: Any, tokenizer_dir: str = "") -> "DatasetInfo":
         return cls(int(dataset.num_codes), int(dataset.num_classes), tuple(dataset.token_shape),
-                   tuple(dataset.latent_shape), tokenizer_dir, str(getattr(dataset, "directory", "")))
+                   tuple(dataset.latent_shape), tuple(map(float, dataset.latent_mean)),
+                   tuple(map(float, dataset.latent_std)), tokenizer_dir, str(getattr(dataset, "directory", "")))
 
 
 class Generator:
@@ -72,33 +73,14 @@ class Generator:
 
     def save(self, directory: str | pathlib.Path) -> pathlib.Path:
         """Writes `generator.json` (config and dataset sizes) and `params/` (orbax); refuses to overwrite."""
-        directory = pathlib.Path(directory).absolute()
-        target = directory / PARAMS_DIR
-        exists = target.exists()
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"generator save {directory}")
-        if exists:
-            raise FileExistsError(f"{target} already exists; choose an empty directory (nothing was overwritten)")
-        directory.mkdir(parents=True, exist_ok=True)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(target, self.params)
-        checkpointer.wait_until_finished()
-        if jax.process_index() == 0:
-            meta = {"config": self.config.to_dict(), "dataset": dataclasses.asdict(self.info)}
-            (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        return directory
+        meta = {"config": self.config.to_dict(), "dataset": dataclasses.asdict(self.info)}
+        return export.save(directory, self.params, arrays_dir=PARAMS_DIR, meta_file=CONFIG_FILE, meta=meta)
 
     @classmethod
     def load(cls, directory: str | pathlib.Path) -> "Generator":
-        directory = pathlib.Path(directory).absolute()
-        meta_file = directory / CONFIG_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file} not found: not a directory written by Generator.save")
-        meta = json.loads(meta_file.read_text())
+        meta = export.read_meta(directory, CONFIG_FILE, "Generator.save")
         config = ml_collections.ConfigDict(meta["config"])
         d = meta["dataset"]
-        info = DatasetInfo(**{**d, "token_shape": tuple(d["token_shape"]), "latent_shape": tuple(d["latent_shape"])})
-        family = make_family(config, info)
-        abstract = jax.eval_shape(family.init_params, jax.random.key(0))
-        params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, abstract)
-        return cls(config, info, params)
+        info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        abstract = jax.eval_shape(make_family(config, info).init_params, jax.random.key(0))
+        return cls(config, info, export.restore(directory, PARAMS_DIR, abstract))

@@ -142,20 +142,22 @@ class CLIPVisionEmbeddings(nn.Module):
         return jnp.concatenate([cls, patches], axis=1) + table.astype(self.dtype)
 
 
-class CLIPAttention(nn.Module):
-    """Multi-head self-attention with biased q/k/v/out projections (softmax in float32)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections (`q_proj`, `k_proj`, `v_proj`, biased unless
+    `qkv_bias=False`) and a biased `out_proj`; softmax in float32. Shared by the CLIP and DINOv2 towers."""
 
-    config: CLIPVisionSettings
+    hidden_size: int
+    num_heads: int
+    qkv_bias: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        dense = functools.partial(nn.Dense, cfg.hidden_size, dtype=self.dtype, precision=HIGHEST)
+        heads, width = self.num_heads, self.hidden_size // self.num_heads
+        dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype, precision=HIGHEST)
 
         def split(name: str) -> jax.Array:
-            return dense(name=name)(x).reshape(*x.shape[:-1], heads, width)
+            return dense(use_bias=self.qkv_bias, name=name)(x).reshape(*x.shape[:-1], heads, width)
 
         q, k, v = split("q_proj") * width**-0.5, split("k_proj"), split("v_proj")
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST)
@@ -164,16 +166,21 @@ class CLIPAttention(nn.Module):
         return dense(name="out_proj")(out)
 
 
-class CLIPMLP(nn.Module):
-    config: CLIPVisionSettings
+class MLP(nn.Module):
+    """`fc2(act(fc1(x)))` with `act` one of ACTIVATIONS. Shared by the CLIP, DINOv2 and ViT models."""
+
+    hidden_size: int
+    intermediate_size: int
+    activation: str
     dtype: Any = jnp.float32
+    precision: Any = HIGHEST
+    kernel_init: Callable = nn.linear.default_kernel_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        x = nn.Dense(cfg.intermediate_size, dtype=self.dtype, precision=HIGHEST, name="fc1")(x)
-        x = ACTIVATIONS[cfg.hidden_act](x)
-        return nn.Dense(cfg.hidden_size, dtype=self.dtype, precision=HIGHEST, name="fc2")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision, kernel_init=self.kernel_init)
+        x = ACTIVATIONS[self.activation](dense(self.intermediate_size, name="fc1")(x))
+        return dense(self.hidden_size, name="fc2")(x)
 
 
 def _layer_norm(config: CLIPVisionSettings, dtype: Any, name: str) -> nn.LayerNorm:
@@ -188,10 +195,11 @@ class CLIPEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(
-            _layer_norm(self.config, self.dtype, "layer_norm1")(x)
-        )
-        return x + CLIPMLP(self.config, self.dtype, name="mlp")(_layer_norm(self.config, self.dtype, "layer_norm2")(x))
+        cfg = self.config
+        attention = SelfAttention(cfg.hidden_size, cfg.num_attention_heads, dtype=self.dtype, name="self_attn")
+        x = x + attention(_layer_norm(cfg, self.dtype, "layer_norm1")(x))
+        mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")
+        return x + mlp(_layer_norm(cfg, self.dtype, "layer_norm2")(x))
 
 
 class CLIPEncoder(nn.Module):

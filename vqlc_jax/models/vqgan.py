@@ -48,6 +48,15 @@ class VQModel(nn.Module):
         """Token indices [B, h, w] -> images."""
         return self.decode(self.quantizer.embed(indices))
 
+    def quantize_latents(self, z: jax.Array) -> jax.Array:
+        """Pre-quantization latents [B, h, w, D'] -> token indices [B, h, w] (the nearest codes)."""
+        return self.quantizer(z)[1]
+
+    def decode_latents(self, z: jax.Array, quantize: bool = True) -> jax.Array:
+        """Latents [B, h, w, D'] (e.g. a diffusion model's samples) -> images: through the nearest codes as the
+        release decodes them, or directly (`quantize=False`)."""
+        return self.decode(self.quantizer(z)[0] if quantize else z)
+
     def features(self, images: jax.Array, train: bool = False):
         """Everything up to the decoder's last conv: (h, indices, aux); `head(h)` gives the reconstruction."""
         z = self.encode(images, train)

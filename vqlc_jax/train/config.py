@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from vqlc_jax.quantizers import QUANTIZERS
+from vqlc_jax.train import loop
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 F16_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
@@ -18,15 +19,8 @@ F16_DDCONFIG = dict(double_z=False, z_channels=256, resolution=256, in_channels=
 def base_config() -> ml_collections.ConfigDict:
     """The paper's VQGAN-LC f16 recipe on ImageNet: 100K codebook, D'=8, linear projector, 20 epochs at global
     batch 256 with 5 warm-up epochs."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.global_batch_size = 256
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.global_batch_size
-    c.total_steps = 20 * steps_per_epoch
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 2_000
-    c.eval_every_steps = 10_000
-    c.keep_checkpoints = 3
+    steps_per_epoch = IMAGENET_TRAIN_IMAGES // 256
+    c = loop.add_loop_keys(ml_collections.ConfigDict(), global_batch_size=256, total_steps=20 * steps_per_epoch)
 
     c.data = ml_collections.ConfigDict(dict(name="imagenet2012", options={"data_dir": ""}, resolution=256,
                                             eval_split="validation", eval_max_images=0))
@@ -57,9 +51,7 @@ def _require(ok: bool, key: str, value, why: str) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first key whose value cannot work."""
-    for key in ("global_batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
-                "keep_checkpoints"):
-        _require(isinstance(c[key], int) and c[key] > 0, key, c[key], "must be a positive integer")
+    loop.validate_loop_keys(c)
     q = c.model.quantizer
     _require(q.name in QUANTIZERS, "model.quantizer.name", q.name, f"choices: {', '.join(QUANTIZERS)}")
     _require(q.num_codes > 0, "model.quantizer.num_codes", q.num_codes, "must be positive")

@@ -45,6 +45,26 @@ def lr_schedule(peak: float, *, warmup_steps: int, total_steps: int, min_lr: flo
     raise ValueError(f"learning-rate decay {decay!r}: choices: cosine, linear, constant")
 
 
+LOOP_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints")
+
+
+def add_loop_keys(c: ml_collections.ConfigDict, *, seed: int = 0, global_batch_size: int, total_steps: int,
+                  log_every_steps: int = 100, checkpoint_every_steps: int = 2_000, eval_every_steps: int = 10_000,
+                  keep_checkpoints: int = 3) -> ml_collections.ConfigDict:
+    """The keys every trainer config has (the loop's and the batch's)."""
+    c.seed, c.global_batch_size, c.total_steps = seed, global_batch_size, total_steps
+    c.log_every_steps, c.checkpoint_every_steps = log_every_steps, checkpoint_every_steps
+    c.eval_every_steps, c.keep_checkpoints = eval_every_steps, keep_checkpoints
+    return c
+
+
+def validate_loop_keys(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first of the batch and loop keys that is not a positive integer."""
+    for key in ("global_batch_size", *LOOP_KEYS):
+        if not (isinstance(c[key], int) and c[key] > 0):
+            raise ValueError(f"config.{key}={c[key]!r}: must be a positive integer")
+
+
 class Task(abc.ABC):
     """One model family's part of a run. `config` must hold `total_steps`, `log_every_steps`,
     `checkpoint_every_steps`, `eval_every_steps` and `keep_checkpoints`."""
