@@ -7,7 +7,8 @@ DiT-XL/2 (28 x 1152, 16 heads, patch 2 on the 16x16x8 latent: 64 tokens), learne
 (linear betas, 1000 steps, hybrid loss), AdamW lr 1e-4 constant without weight decay, batch 256, 400K steps, EMA
 0.9999, 10% label dropout; 250 ancestral steps with guidance 8 on every latent channel. Unlike the release, the
 latents are normalised per channel with the encode job's statistics; variant `:release` diffuses them unscaled and
-guides only the first 3 channels, as released.
+guides only the first 3 channels, as released. Baselines (VQGAN-FC / EMA, 16,384 codes): the same config on their
+encoded datasets (every size is read off the data).
 """
 
 from vqlc_jax.generators.config import base_config

@@ -5,7 +5,8 @@
 The DiT-XL/2 backbone without the sigma half, SiT's Linear path with velocity prediction, AdamW lr 1e-4 constant,
 batch 256, 400K steps, EMA 0.9999, 10% label dropout; sampling with diffrax's dopri5 (atol 1e-6, rtol 1e-3) and
 guidance 8 on every latent channel (`--config.sample.sampler=sde` for Euler-Maruyama). Variant `:release` diffuses
-unscaled latents and guides the first 3 channels, as released.
+unscaled latents and guides the first 3 channels, as released. Baselines (VQGAN-FC / EMA, 16,384 codes): the same
+config on their encoded datasets (every size is read off the data).
 """
 
 from vqlc_jax.generators.config import base_config

@@ -181,3 +181,27 @@ def test_sit_and_ldm_train_on_latents_and_sample(encoded, tmp_path, family):
     assert 0 < result["eval/gen_utilization"] <= 1
     latents = Generator.load(tmp_path / "generator").sample(jax.random.key(0), np.array([1, 2], np.int32))
     assert latents.shape == (2, 8, 8, 4) and np.isfinite(latents).all()
+
+
+def test_guidance_interval_guides_only_at_the_chosen_noise_levels():
+    from configs import dit_demo, sit_demo
+
+    from vqlc_jax.generators.generator import DatasetInfo
+    from vqlc_jax.generators.latent import DiTFamily, SiTFamily
+
+    info = DatasetInfo(num_codes=NUM_CODES, num_classes=8, token_shape=(8, 8), latent_shape=(8, 8, 4),
+                       latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
+    # A stand-in model: 1 for the conditional rows, 0 for the null class; guided with scale 2 -> 0 + 2 (1 - 0) = 2.
+    def apply(x, t, y):
+        return jnp.where((y == 8)[:, None, None, None], 0.0, 1.0) * jnp.ones_like(x)
+
+    x, labels = jnp.zeros((2, 8, 8, 4)), jnp.array([1, 2])
+    for demo, family, inside, outside in ((dit_demo, DiTFamily, 100, 900), (sit_demo, SiTFamily, 0.9, 0.1)):
+        config = demo.get_config("smoke")
+        config.sample.update(cfg_scale=2.0, cfg_interval=(0.0, 0.5))
+        model_fn = family(config, info).guided(apply, labels, config.sample, 4)
+        np.testing.assert_allclose(model_fn(x, jnp.full((2,), inside)), 2.0)
+        np.testing.assert_allclose(model_fn(x, jnp.full((2,), outside)), 1.0)
+        config.sample.cfg_interval = (0.0, 1.0)
+        np.testing.assert_allclose(family(config, info).guided(apply, labels, config.sample, 4)(
+            x, jnp.full((2,), outside)), 2.0)

@@ -73,7 +73,8 @@ def _dit_sections(c: ml_collections.ConfigDict) -> None:
     c.loss = ml_collections.ConfigDict(dict(class_dropout=0.1, latent_scale="channel"))
     # sampler: "ddpm" (ancestral, DiT's) or "ddim" (eta); cfg_channels 0: every latent channel, 3: the release.
     c.sample = ml_collections.ConfigDict(dict(
-        sampler="ddpm", steps=250, eta=0.0, cfg_scale=8.0, cfg_channels=0, quantize=True, grid_classes=8,
+        sampler="ddpm", steps=250, eta=0.0, cfg_scale=8.0, cfg_channels=0, cfg_interval=(0.0, 1.0), quantize=True,
+        grid_classes=8,
         grid_per_class=8, use_ema=True))
 
 
@@ -85,8 +86,8 @@ def _sit_sections(c: ml_collections.ConfigDict) -> None:
     # (Euler-Maruyama, SiT's diffusion form and last step).
     c.sample = ml_collections.ConfigDict(dict(
         sampler="ode", ode_method="dopri5", steps=50, atol=1e-6, rtol=1e-3, diffusion_form="sigma",
-        last_step="Mean", cfg_scale=8.0, cfg_channels=0, quantize=True, grid_classes=8, grid_per_class=8,
-        use_ema=True))
+        last_step="Mean", cfg_scale=8.0, cfg_channels=0, cfg_interval=(0.0, 1.0), quantize=True, grid_classes=8,
+        grid_per_class=8, use_ema=True))
 
 
 def _ldm_sections(c: ml_collections.ConfigDict) -> None:
@@ -95,7 +96,8 @@ def _ldm_sections(c: ml_collections.ConfigDict) -> None:
     del c.model["depth"], c.model["hidden_size"], c.model["num_heads"]
     c.model.update(preset="f16", model_channels=0)  # 0: the preset's width
     c.sample = ml_collections.ConfigDict(dict(
-        sampler="ddim", steps=200, eta=1.0, cfg_scale=1.6, cfg_channels=0, quantize=True, grid_classes=8,
+        sampler="ddim", steps=200, eta=1.0, cfg_scale=1.6, cfg_channels=0, cfg_interval=(0.0, 1.0), quantize=True,
+        grid_classes=8,
         grid_per_class=8, use_ema=True))
 
 
@@ -220,3 +222,6 @@ def _validate_latent(c: ml_collections.ConfigDict) -> None:
     _require(s.cfg_scale == 1.0 or c.loss.class_dropout > 0, "sample.cfg_scale", s.cfg_scale,
              "guidance needs a trained null class: train with loss.class_dropout > 0")
     _require(s.cfg_channels >= 0, "sample.cfg_channels", s.cfg_channels, "must be >= 0 (0: every channel)")
+    lo, hi = s.cfg_interval
+    _require(0 <= lo < hi <= 1, "sample.cfg_interval", tuple(s.cfg_interval),
+             "must be (lo, hi) noise levels with 0 <= lo < hi <= 1 ((0, 1): guidance at every step)")

@@ -312,7 +312,7 @@ def write_generation_report(result: GenerationResult, output_dir: str | pathlib.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The generation job: python -m vqlc_jax.generators.evaluate --generator DIR --config configs/eval/<name>.py --output OUT
+# The generation job: python -m vqlc_jax.generators.evaluate --generator DIR --config configs/eval/X.py --output OUT
 # ----------------------------------------------------------------------------------------------------------------------
 def load_reference(config: Any, fid: tuple[Any, Any] | metrics.Unavailable, mesh: jax.sharding.Mesh | None = None
                    ) -> tuple[metrics.ReferenceStats | None, np.ndarray | None]:

@@ -48,13 +48,24 @@ class LatentFamily(Family):
     def denormalize(self, x: Array) -> Array:
         return x * self.scale + self.shift
 
+    def noise_level(self, t: Array) -> Array:
+        """The sampler's time as a noise level in [0, 1] (1: pure noise), for the guidance interval."""
+        return t.astype(jnp.float32) / (self.config.diffusion.num_steps - 1)
+
     def guided(self, apply, labels: Array, options: ml_collections.ConfigDict, out_channels_eps: int):
         """`model_fn(x, t)` for the samplers: conditional, or guided (cond and null rows in one batch) when
-        `cfg_scale` > 1, on all eps channels or the first `cfg_channels`."""
-        if options.cfg_scale > 1.0:
-            return guided_model_fn(apply, labels, options.cfg_scale, null_label=self.num_classes,
-                                   eps_channels=out_channels_eps, channels=options.cfg_channels or None)
-        return lambda x, t: apply(x, t, labels)
+        `cfg_scale` > 1, on all eps channels or the first `cfg_channels`, at the noise levels inside
+        `cfg_interval` (Kynkaanniemi et al., 2024; (0, 1): everywhere) and with scale 1 outside it."""
+        if options.cfg_scale <= 1.0:
+            return lambda x, t: apply(x, t, labels)
+        lo, hi = options.cfg_interval
+        scale = options.cfg_scale
+        if (lo, hi) != (0.0, 1.0):
+            def scale(t):
+                level = self.noise_level(t)
+                return jnp.where((level >= lo) & (level <= hi), options.cfg_scale, 1.0)
+        return guided_model_fn(apply, labels, scale, null_label=self.num_classes, eps_channels=out_channels_eps,
+                               channels=options.cfg_channels or None)
 
     def decode(self, tokenizer, samples):
         return np.asarray(tokenizer.decode_latents(samples, quantize=self.config.sample.quantize))
@@ -125,6 +136,9 @@ class SiTFamily(LatentFamily):
         self.transport = transport.Transport(t.path, t.prediction, t.loss_weight or None)
 
     init_params = DiTFamily.init_params
+
+    def noise_level(self, t: Array) -> Array:
+        return 1.0 - t  # SiT's time runs from noise (0) to data (1)
 
     def loss(self, params, batch, rng):
         from vqlc_jax.generators import transport

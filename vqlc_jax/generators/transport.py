@@ -157,8 +157,8 @@ def velocity_from_noise(path: str, noise: Array, x: Array, t: Array) -> Array:
 class Transport:
     """SiT's `create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)` for the Linear and GVP
     paths. `train_eps` / `sample_eps` None take SiT's values: 0 for velocity prediction (stable on [0, 1]; its
-    training times are U[0, 1) whatever train_eps), 1e-3 otherwise. `loss_weight` ("velocity", "likelihood") weighs the score and noise losses; SiT ignores it for
-    velocity prediction, where it is refused here."""
+    training times are U[0, 1) whatever train_eps), 1e-3 otherwise. `loss_weight` ("velocity", "likelihood")
+    weighs the score and noise losses; SiT ignores it for velocity prediction, where it is refused here."""
 
     path: str = "Linear"
     prediction: str = "velocity"

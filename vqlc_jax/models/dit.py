@@ -276,16 +276,19 @@ def guided_output(out: Array, scale: float, *, eps_channels: int, channels: int 
     return jnp.concatenate([jnp.concatenate([guided, guided]), out[..., k:]], axis=-1)
 
 
-def guided_model_fn(apply_fn: Callable[[Array, Array, Array], Array], labels: Array, scale: float, *,
-                    null_label: int, eps_channels: int, channels: int | None = None) -> Callable[[Array, Array], Array]:
+def guided_model_fn(apply_fn: Callable[[Array, Array, Array], Array], labels: Array,
+                    scale: float | Callable[[Array], Array], *, null_label: int, eps_channels: int,
+                    channels: int | None = None) -> Callable[[Array, Array], Array]:
     """A sampler's `model_fn(x [B], t [B]) -> [B, ..., C_out]` guided for `labels` [B]: `apply_fn(x, t, y)` runs the
     conditional and the null rows as one batch of 2B; the first half of `guided_output` is returned (the rows the
-    release keeps, with the conditional rest channels)."""
+    release keeps, with the conditional rest channels). `scale` may be a function of t [B] (e.g. guidance in an
+    interval of noise levels only)."""
     labels = jnp.asarray(labels, jnp.int32)
     y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
 
     def model_fn(x: Array, t: Array) -> Array:
         out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
-        return guided_output(out, scale, eps_channels=eps_channels, channels=channels)[: x.shape[0]]
+        s = scale(t).reshape(t.shape + (1,) * (x.ndim - 1)) if callable(scale) else scale
+        return guided_output(out, s, eps_channels=eps_channels, channels=channels)[: x.shape[0]]
 
     return model_fn
