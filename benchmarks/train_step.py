@@ -3,7 +3,7 @@
 The step is the trainer's own: `build_run(config)` (model, Adam, LPIPS loaded from a `.npz` through
 `loss.lpips_path`, a born-sharded state) and the same `jax.jit(train_step, ..., donate_argnums=(0,))` that
 `train_and_evaluate` builds. Configuration, as the team measured the release (see
-/work/shared/notes/official_vqgan_lc.md, last section): ddconfig of `tiny_linear` (32 px, ch 32, ch_mult [1, 2],
+../shared/notes/official_vqgan_lc.md, last section): ddconfig of `tiny_linear` (32 px, ch 32, ch_mult [1, 2],
 one res block, z_channels 16, attention at 16), embed_dim D' = 8, linear projector, batch 16, a frozen codebook
 of dimension 768 with N codes, L1 + quantization (x0.1) + LPIPS loss, Adam; no GAN (`use_gan=False`). A row with
 the GAN on (PatchGAN update + adaptive weight) is printed for information; the release was not measured with it.
@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FIXTURE = pathlib.Path("/work/shared/fixtures/official_vqgan_lc/tiny_linear.json")
+FIXTURE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_vqgan_lc"
+           / "tiny_linear.json")
 # The fixture's ddconfig and embed_dim, used when the fixture file is not at hand.
 TINY_DDCONFIG = {"double_z": False, "z_channels": 16, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
                  "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,), "dropout": 0.0}
@@ -323,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {r['codes']:,} | {r['variant']} | {ours:.2f} | {official_s} | {ratio} | {r['median'] * 1e3:,.0f} | "
               f"{r['spread'][0] * 1e3:,.0f}-{r['spread'][1] * 1e3:,.0f} | {r['compile_s']:.1f} | {_mb(r['temp'])} |")
     print("\nRelease: the official generator step (no GAN), same configuration, measured by the team, torch 2.13 CPU "
-          "2 threads (/work/shared/notes/official_vqgan_lc.md). The release's GAN step was not measured.")
+          "2 threads (../shared/notes/official_vqgan_lc.md). The release's GAN step was not measured.")
 
     if breakdowns:
         factor = 2 ** (len(ddconfig["ch_mult"]) - 1)

@@ -111,6 +111,7 @@ def test_config_that_does_not_fit_the_dataset_is_named(encoded, tmp_path, key, v
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(encoded, tmp_path):
     """1 process x 4 devices and 2 processes x 2 devices give the same losses (local jax.distributed)."""
     results = metrics_of_local_processes(
@@ -171,6 +172,7 @@ def test_dit_trains_on_latents_samples_and_exports(encoded, tmp_path):
     assert generator.generate(jax.random.key(0), np.array([0, 3], np.int32)).shape == (2, 16, 16, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sit", "ldm"])
 def test_sit_and_ldm_train_on_latents_and_sample(encoded, tmp_path, family):
     import importlib

@@ -61,7 +61,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.codebook_init in ("file", "random"), "codebook_init", c.codebook_init, "choices: file, random")
     if q.name == "lc" and c.codebook_init == "file":
         _require(bool(c.codebook_path), "codebook_path", c.codebook_path,
-                 "the lc quantizer needs a codebook file (or set codebook_init='random')")
+                 "the lc quantizer needs a codebook file (or set codebook_init='random'); build one first, e.g. "
+                 "`python -m vqlc_jax.codebook.build --config configs/codebook/demo.py --workdir W/codebook` for "
+                 "configs/demo.py, then pass --config.codebook_path=W/codebook/codebook.npy (./run_demo.sh does both)")
     _require(c.loss.reconstruction in ("l1", "l2"), "loss.reconstruction", c.loss.reconstruction, "choices: l1, l2")
     for key in ("reconstruction_weight", "quant_weight", "lpips_weight", "disc_weight", "disc_factor"):
         _require(c.loss[key] >= 0, f"loss.{key}", c.loss[key], "must be >= 0")
