@@ -137,6 +137,7 @@ def test_fresh_model_predicts_zero_and_checks_inputs():
     assert DIT_SIZES["XL"] == (28, 1152, 16)
 
 
+@pytest.mark.slow
 def test_bf16_and_remat_follow_float32(dit_tiny, loaded):
     model, variables = loaded
     x, t, y = jnp.asarray(nhwc(dit_tiny["x"])), jnp.asarray(dit_tiny["t"]), jnp.asarray(dit_tiny["y"])

@@ -237,6 +237,7 @@ def test_generated_metrics_equal_the_metric_functions_on_the_features(fid_model,
     np.testing.assert_allclose(s["perplexity"], np.exp(scipy.stats.entropy(counts)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_set_against_its_own_reference(fid_model, sets, real_reference):
     real = sets["real"]
     reference, features = real_reference

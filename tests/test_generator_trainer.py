@@ -121,6 +121,7 @@ def test_two_processes_agree_with_one(encoded, tmp_path):
         np.testing.assert_allclose(results[2][key], results[1][key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_generation_eval_job_reports_usage_and_inception_metrics(uninterrupted, tmp_path):
     """The job's mechanics with the random-weight Inception test file (its FID/IS numbers mean nothing)."""
     from configs.eval import gen_demo
@@ -154,6 +155,7 @@ def test_generation_eval_job_reports_usage_and_inception_metrics(uninterrupted, 
     assert (tmp_path / "report" / "gen_eval.md").is_file() and (tmp_path / "report" / "samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_dit_trains_on_latents_samples_and_exports(encoded, tmp_path):
     """DiT on the same encoded dataset: normalised latents in, guided DDPM samples decoded through the codes."""
     from configs import dit_demo

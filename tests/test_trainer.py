@@ -60,6 +60,7 @@ def test_preempted_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
         np.testing.assert_allclose(final[1][path], final[0][path], rtol=1e-6, atol=1e-7, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_model_axis_2_trains_like_model_axis_1(uninterrupted, tmp_path):
     # A (4, 2) mesh: the batch split over 4 devices, the frozen codebook's rows over 2 (trainer.PARTITION_RULES).
     result = train_and_evaluate(smoke_config(**{"mesh.model_axis": 2}), tmp_path)
@@ -98,6 +99,7 @@ def test_config_typo_is_named():
         config.totl_steps = 3
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     """1 process x 4 devices and 2 processes x 2 devices give the same losses (local jax.distributed)."""
     results = metrics_of_local_processes(
