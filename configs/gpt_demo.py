@@ -4,9 +4,10 @@ photo), a few minutes on 2 cores; writes sample grids (`samples_*.png`) and the 
     python -m vqlc_jax.generators.encode --tokenizer W/tokenizer --config configs/encode/demo.py --workdir W/encoded
     python -m vqlc_jax.main --config configs/gpt_demo.py --workdir W/gpt --config.data.encoded_dir=W/encoded
 
-(`./run_demo.sh` runs both after the tokenizer demo.) The release's minGPT (learned positions, one table for codes
-and class ids, pkeep 0.8) at 4 layers x 256, with the null class and 10% label dropout so that guidance can be
-tried at sampling (`--config.sample.cfg_scale=2`). Variant `:smoke` runs a few steps (used by the tests).
+W is the workdir of `./run_demo.sh`, whose tokenizer this uses (about 6 minutes more on this 2-core CPU, so not
+part of it). The release's minGPT (learned positions, one table for codes and class ids, pkeep 0.8) at 4 layers x
+256, with the null class and 10% label dropout so that guidance can be tried at sampling
+(`--config.sample.cfg_scale=2`). Variant `:smoke` runs a few steps (used by the tests).
 """
 
 from vqlc_jax.generators.config import base_config
@@ -15,14 +16,14 @@ from vqlc_jax.generators.config import base_config
 def get_config(arg: str | None = None):
     c = base_config("gpt")
     c.global_batch_size = 32
-    c.total_steps = 400
+    c.total_steps = 600
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
-    c.eval_every_steps = 200
+    c.eval_every_steps = 300
     c.data.use_flips = True
     c.model.update(num_layers=4, num_heads=8, width=256, null_class=True)
     c.loss.update(class_dropout=0.1, chunk_size=512)
-    c.optimizer.update(lr=1e-3, warmup_steps=40, decay="cosine", weight_decay=0.05)
+    c.optimizer.update(lr=1e-3, warmup_steps=50, decay="cosine", weight_decay=0.05)
     c.ema.decay = 0.99
     c.sample.update(grid_classes=8, grid_per_class=8)
     c.eval.num_samples = 256
