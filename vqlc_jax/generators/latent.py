@@ -42,6 +42,10 @@ class LatentFamily(Family):
             self.shift = np.zeros(self.latent_shape[-1], np.float32)
             self.scale = np.ones(self.latent_shape[-1], np.float32)
 
+    def init_params(self, rng):
+        x = jnp.zeros((1, *self.latent_shape), jnp.float32)
+        return self.model.init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+
     def normalize(self, latents: Array) -> Array:
         return (latents - self.shift) / self.scale
 
@@ -66,6 +70,14 @@ class LatentFamily(Family):
                 return jnp.where((level >= lo) & (level <= hi), options.cfg_scale, 1.0)
         return guided_model_fn(apply, labels, scale, null_label=self.num_classes, eps_channels=out_channels_eps,
                                channels=options.cfg_channels or None)
+
+    def start(self, params, rng: Array, labels: Array, options: ml_collections.ConfigDict):
+        """(x at the noisy end [B, h, w, D'], the sampler's model_fn, a key for the sampler's noise)."""
+        k_x, k_noise = jax.random.split(rng)
+        x = jax.random.normal(k_x, (labels.shape[0], *self.latent_shape), jnp.float32)
+        model_fn = self.guided(lambda x, t, y: self.model.apply({"params": params}, x, t, y), labels, options,
+                               self.latent_shape[-1])
+        return x, model_fn, k_noise
 
     def decode(self, tokenizer, samples):
         return np.asarray(tokenizer.decode_latents(samples, quantize=self.config.sample.quantize))
@@ -94,10 +106,6 @@ class DiTFamily(LatentFamily):
         var_type = "learned_range" if config.model.learn_sigma else "fixed_small"
         self.diffusion = diffusion.create_diffusion("dit", config.diffusion.num_steps, var_type=var_type)
 
-    def init_params(self, rng):
-        x = jnp.zeros((1, *self.latent_shape), jnp.float32)
-        return self.model.init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
-
     def loss(self, params, batch, rng):
         x0 = self.normalize(batch["latents"])
         k_t, k_noise, k_label = jax.random.split(rng, 3)
@@ -111,10 +119,7 @@ class DiTFamily(LatentFamily):
     def sample(self, params, rng, labels, options):
         d = diffusion.create_diffusion("dit", self.config.diffusion.num_steps, str(options.steps),
                                        var_type=self.diffusion.var_type)
-        k_x, k_noise = jax.random.split(rng)
-        x_T = jax.random.normal(k_x, (labels.shape[0], *self.latent_shape), jnp.float32)
-        model_fn = self.guided(lambda x, t, y: self.model.apply({"params": params}, x, t, y), labels, options,
-                               self.latent_shape[-1])
+        x_T, model_fn, k_noise = self.start(params, rng, labels, options)
         if options.sampler == "ddpm":
             x = diffusion.p_sample_loop(d, model_fn, x_T, k_noise)
         else:
@@ -135,8 +140,6 @@ class SiTFamily(LatentFamily):
         t = config.transport
         self.transport = transport.Transport(t.path, t.prediction, t.loss_weight or None)
 
-    init_params = DiTFamily.init_params
-
     def noise_level(self, t: Array) -> Array:
         return 1.0 - t  # SiT's time runs from noise (0) to data (1)
 
@@ -155,10 +158,7 @@ class SiTFamily(LatentFamily):
     def sample(self, params, rng, labels, options):
         from vqlc_jax.generators import transport
 
-        k_x, k_noise = jax.random.split(rng)
-        x0 = jax.random.normal(k_x, (labels.shape[0], *self.latent_shape), jnp.float32)
-        model_fn = self.guided(lambda x, t, y: self.model.apply({"params": params}, x, t, y), labels, options,
-                               self.latent_shape[-1])
+        x0, model_fn, k_noise = self.start(params, rng, labels, options)
         if options.sampler == "ode":
             x = transport.sample_ode(self.transport, model_fn, x0, method=options.ode_method, num_steps=options.steps,
                                      atol=options.atol, rtol=options.rtol)
@@ -184,23 +184,9 @@ class LDMFamily(LatentFamily):
                              "num_classes": self.num_classes}, dtype=jnp.dtype(m.dtype), remat=m.remat)
         self.diffusion = diffusion.create_diffusion("ldm", config.diffusion.num_steps, var_type="fixed_small")
 
-    init_params = DiTFamily.init_params
-
-    def loss(self, params, batch, rng):
-        x0 = self.normalize(batch["latents"])
-        k_t, k_noise, k_label = jax.random.split(rng, 3)
-        t = jax.random.randint(k_t, x0.shape[:1], 0, self.diffusion.num_timesteps)
-        labels = drop_labels(k_label, batch["label"], rate=self.config.loss.class_dropout, null_label=self.num_classes)
-        terms = diffusion.training_losses(
-            self.diffusion, lambda x, s: self.model.apply({"params": params}, x, s, labels, train=True), x0, t,
-            jax.random.normal(k_noise, x0.shape, x0.dtype))
-        loss = jnp.mean(terms["loss"])
-        return loss, {"loss": loss}
+    loss = DiTFamily.loss  # with a fixed variance the terms are LDM's L2 (mse = loss)
 
     def sample(self, params, rng, labels, options):
-        k_x, k_noise = jax.random.split(rng)
-        x_T = jax.random.normal(k_x, (labels.shape[0], *self.latent_shape), jnp.float32)
-        model_fn = self.guided(lambda x, t, y: self.model.apply({"params": params}, x, t, y), labels, options,
-                               self.latent_shape[-1])
+        x_T, model_fn, k_noise = self.start(params, rng, labels, options)
         x = diffusion.ldm_ddim_sample_loop(self.diffusion, model_fn, x_T, options.steps, k_noise, eta=options.eta)
         return self.denormalize(x)
