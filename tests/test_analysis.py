@@ -100,15 +100,44 @@ def test_cli_curve_and_heatmap_write_png_json_and_markdown(tmp_path):
     run.mkdir()
     write_metrics(run / "metrics.jsonl", FAKE_METRICS)
     np.save(tmp_path / "counts.npy", np.arange(10))
-    cli(["curve", "--run", f"LC={run}", "--run", str(run), "--output", str(tmp_path / "out")])
+    np.save(run / "epoch_code_counts.npy", np.arange(10))  # the run has N = 10 codes
+    sweep_report = tmp_path / "utilization_sweep.json"
+    sweep_report.write_text(json.dumps({"codebooks": [
+        {"num_codes": n, "ceiling": {"splits": {"epoch": {"ceiling": c}}}} for n, c in ((10, 0.8), (20, 0.5))]}))
+    cli(["curve", "--run", f"LC={run}", "--run", str(run), "--ceiling", "0.9", "--ceiling", "paper=1",
+         "--ceiling-from", str(sweep_report), "--output", str(tmp_path / "out")])
     cli(["heatmap", "--counts", str(tmp_path / "counts.npy"), "--sort", "--output", str(tmp_path / "out")])
     data = json.loads((tmp_path / "out" / "utilization_per_epoch.json").read_text())
     assert list(data["runs"]) == ["LC", "lc"] and data["runs"]["LC"]["y"] == [0.5, 0.75]
-    assert "| 2 | 75 | 75 |" in (tmp_path / "out" / "utilization_per_epoch.md").read_text()
+    assert data["ceilings"] == {"ceiling": 0.9, "paper": 1.0, "ceiling N=10": 0.8}
+    assert "| 2 | 75 | 75 |\n\nceiling: 90.0%" in (tmp_path / "out" / "utilization_per_epoch.md").read_text()
     heatmap = json.loads((tmp_path / "out" / "heatmap.json").read_text())
     assert heatmap["grid_shape"] == [3, 4] and heatmap["used_codes"] == 9 and heatmap["sorted"]
     for name in ("utilization_per_epoch.png", "heatmap.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curve_ceilings_from_sweep_reports_and_mistakes(tmp_path):
+    from vqlc_jax.analysis.ceiling import report_ceilings
+
+    runs = {"LC": ("lc-16384", 16384), "EMA": ("ema-16384", 16384)}
+    sweep_json = {"rows": [{"run": "lc-16384", "ceiling_epoch": 0.7}, {"run": "vq", "ceiling_epoch": 0.6},
+                           {"run": "ema-16384"}]}
+    assert report_ceilings(sweep_json, runs) == {"ceiling lc-16384": 0.7}
+    with pytest.raises(ValueError, match="no training-epoch ceiling for the runs"):
+        report_ceilings({"codebooks": [{"num_codes": 1024, "ceiling": {}}]}, runs)
+    with pytest.raises(ValueError, match="not a sweep report"):
+        report_ceilings({"name": "x"}, runs)
+    run = tmp_path / "lc"
+    run.mkdir()
+    write_metrics(run / "metrics.jsonl", FAKE_METRICS)
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match=r"--ceiling-from .*other\.json: the sweep report has no"):
+        cli(["curve", "--run", str(run), "--ceiling-from", str(tmp_path / "other.json"), "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="use them with --metric utilization"):
+        cli(["curve", "--run", str(run), "--metric", "perplexity", "--ceiling", "0.5", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: a share in [0, 1]
+        cli(["curve", "--run", str(run), "--ceiling", "90", "--output", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,6 +275,7 @@ def test_run_sweep_builds_codebooks_once_trains_and_collects(tmp_path):
         else:
             assert (directory / "features").resolve() == (codebooks / features / "features").resolve()
             np.save(directory / "codebook.npy", np.zeros((config.codebook.k, 48), np.float32))
+            np.save(directory / "cell_counts.npy", np.arange(1, config.codebook.k + 1))  # cells of 1..k rows
 
     def fake_train(config, workdir):
         calls["train"].append((workdir.name, config.model.quantizer.num_codes, config.codebook_path))
@@ -268,19 +298,32 @@ def test_run_sweep_builds_codebooks_once_trains_and_collects(tmp_path):
     assert k16.parent.name.startswith("k=16-") and k8.parent.name.startswith("k=8-")
     assert calls["train"] == [("num_codes=16", 16, str(k16)), ("again16", 16, str(k16)), ("k8", 8, str(k8)),
                               ("vq", 8, "")]
+    # The ceiling of the run's codebook (its cells as the build left them) for the smoke config's validation split
+    # (16 images x 8 x 8 tokens) and training epoch (full batches of 8 images).
+    from vqlc_jax.data import make_source
+
+    p = np.arange(1, 17) / np.arange(1, 17).sum()
+    epoch_tokens = len(make_source("bundled", "train", {"resolution": 16})) // 8 * 8 * 64
+    want = {t: np.mean(1 - (1 - p) ** t) for t in (16 * 64, epoch_tokens)}
     assert rows[0] == {"run": "num_codes=16", "model.quantizer.num_codes": 16, "codebook:codebook.k": 16,
-                       "status": "done", "step": 2, "utilization": 0.16, "psnr": 20.0, "ssim": 0.5}
+                       "status": "done", "step": 2, "utilization": 0.16, "psnr": 20.0, "ssim": 0.5,
+                       "ceiling_val": pytest.approx(want[1024]), "ceiling_epoch": pytest.approx(want[epoch_tokens]),
+                       "util_per_ceiling": pytest.approx(0.16 / want[1024])}
+    assert "ceiling_val" not in rows[3]  # vq: no codebook of its own
     result = json.loads((tmp_path / "vq" / sweeps.RESULT_FILE).read_text())
     assert result["overrides"] == {"model.quantizer": {"name": "vq", "num_codes": 8}, "total_steps": 2}
     table = sweeps.sweep_markdown("test sweep", rows)
-    assert "| run | model.quantizer.num_codes | codebook:codebook.k | status | utilization % |" in table
-    assert "| num_codes=16 | 16 | 16 | done | 16 | n/a | 20 | n/a | 0.5 | n/a | n/a |" in table
+    assert ("| run | model.quantizer.num_codes | codebook:codebook.k | status | utilization % | val ceiling % | "
+            "util / ceiling | epoch ceiling % | perplexity |") in table
+    assert (f"| num_codes=16 | 16 | 16 | done | 16 | {100 * want[1024]:.4g} | {0.16 / want[1024]:.4g} | "
+            f"{100 * want[epoch_tokens]:.4g} | n/a | 20 | n/a | 0.5 | n/a | n/a |") in table
+    assert "| vq | n/a | n/a | done | 8 | n/a | n/a | n/a |" in table
 
     # Finished runs are skipped; a run without results is missing; a preempted run stops the sweep and is resumed.
     (tmp_path / "vq" / sweeps.RESULT_FILE).unlink()
     rows = sweeps.collect(sweeps.plan(sweep), tmp_path)
     assert rows[3] == {"run": "vq", "model.quantizer": {"name": "vq", "num_codes": 8}, "status": "missing"}
-    assert "| vq | n/a | n/a | missing |" in sweeps.sweep_markdown("test sweep", rows)
+    assert "| vq | n/a | n/a | missing | n/a |" in sweeps.sweep_markdown("test sweep", rows)
     status["vq"] = "preempted"
     assert sweeps.run_sweep(sweep, tmp_path, train_fn=fake_train, build_fn=fake_build)[3]["status"] == "preempted"
     status["vq"] = "done"

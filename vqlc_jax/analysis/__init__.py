@@ -1,8 +1,9 @@
 """Analyses of the paper's figures and ablations: codebook usage over training (Fig. 3), t-SNE of active codes
-(Fig. 4), token replacement by nearer or farther codes (Fig. 5), and config-driven sweeps (Tables 6, 7, 9, 10).
+(Fig. 4), token replacement by nearer or farther codes (Fig. 5), config-driven sweeps (Tables 6, 7, 9, 10), and the
+feature-distribution utilization ceiling of a codebook (`ceiling`).
 
-Pure functions compute the data (`usage`, `tsne`, `replacement`, `sweeps`), `plots` draws it, `report` writes the
-JSON and Markdown, and `python -m vqlc_jax.analysis <tool>` ties them together (see `__main__`).
+Pure functions compute the data (`usage`, `tsne`, `replacement`, `sweeps`, `ceiling`), `plots` draws it, `report`
+writes the JSON and Markdown, and `python -m vqlc_jax.analysis <tool>` ties them together (see `__main__`).
 """
 
 from vqlc_jax.analysis.replacement import nearest_other_codes, rank_table, token_replacement

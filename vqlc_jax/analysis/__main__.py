@@ -1,7 +1,7 @@
 """Command line of the analysis tools; each writes `<name>.png`, `<name>.json` and `<name>.md` under its output.
 
     python -m vqlc_jax.analysis curve --run LC=/tmp/lc --run VQGAN=/tmp/vq --output OUT [--metric perplexity]
-                                      [--per window]
+                                      [--per window] [--ceiling [LABEL=]0.909 ...] [--ceiling-from SWEEP.json]
     python -m vqlc_jax.analysis heatmap --counts WORKDIR/epoch_code_counts.npy --output OUT [--sort]
     python -m vqlc_jax.analysis tsne --tokenizer WORKDIR/tokenizer --counts WORKDIR/eval_code_counts.npy --output OUT
     python -m vqlc_jax.analysis replace --tokenizer WORKDIR/tokenizer --config configs/eval/demo.py --output OUT
@@ -9,16 +9,22 @@
     python -m vqlc_jax.analysis sweep --config configs/sweeps/codebook_size.py[:imagenet] --workdir DIR
                                       [--set total_steps=100 ...] [--codebook-set kmeans.num_steps=50 ...]
                                       [--collect-only]
+    python -m vqlc_jax.analysis ceiling --codebook CB/codebook.npy --features CB/features --tokens 87040 19136
+                                        --output OUT [--counts WORKDIR/epoch_code_counts.npy]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from vqlc_jax.analysis import sweeps
+import numpy as np
+
+from vqlc_jax.analysis import ceiling, sweeps
 
 
 def _labelled_run(text: str) -> tuple[str, pathlib.Path]:
@@ -35,6 +41,27 @@ def _ranks(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _ceiling_value(text: str) -> tuple[str, float]:
+    """"[LABEL=]VALUE" with VALUE a share in [0, 1] (label: "ceiling")."""
+    label, sep, value = text.rpartition("=")
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"expected [LABEL=]VALUE with VALUE a share in [0, 1], got {text!r}")
+    return (label if sep else "ceiling"), share
+
+
+def _run_codes(path: pathlib.Path) -> int | None:
+    """Codes N of a training workdir (the length of its per-code counts), None when it holds none."""
+    folder = path if path.is_dir() else path.parent
+    for name in ("epoch_code_counts.npy", "eval_code_counts.npy"):
+        if (folder / name).is_file():
+            return len(np.load(folder / name, mmap_mode="r"))
+    return None
+
+
 def curve_cmd(args: argparse.Namespace) -> None:
     from vqlc_jax.analysis import plots, report, usage
 
@@ -43,17 +70,29 @@ def curve_cmd(args: argparse.Namespace) -> None:
     empty = [label for label, c in curves.items() if not c.x.size]
     if empty:
         raise SystemExit(f"no {args.per} lines with {args.metric} for {empty}: try --per window for short runs")
+    ceilings = dict(args.ceiling)
+    if args.ceiling_from:
+        runs = {label: ((path if path.is_dir() else path.parent).name, _run_codes(path)) for label, path in args.run}
+        try:
+            ceilings.update(ceiling.report_ceilings(json.loads(args.ceiling_from.read_text()), runs))
+        except ValueError as err:
+            raise SystemExit(f"--ceiling-from {args.ceiling_from}: {err}") from None
+    if ceilings and args.metric != "utilization":
+        raise SystemExit("--ceiling and --ceiling-from draw utilization ceilings: use them with --metric utilization")
     scale = 100.0 if args.metric == "utilization" else 1.0
     xs = sorted({int(x) for c in curves.values() for x in c.x})
     lookups = [dict(zip(c.x.tolist(), (c.y * scale).tolist())) for c in curves.values()]
     rows = [[x, *(lookup.get(x) for lookup in lookups)] for x in xs]
     name = f"{args.metric}_per_{args.per}"
     data = {"metric": args.metric, "per": args.per,
-            "runs": {label: {"path": str(path), "x": curves[label].x, "y": curves[label].y} for label, path in args.run}}
+            "runs": {label: {"path": str(path), "x": curves[label].x, "y": curves[label].y}
+                     for label, path in args.run},
+            "ceilings": ceilings}
     header = f"{args.metric} (%)" if scale != 1.0 else args.metric
+    lines = "".join(f"\n{label}: {100 * value:.1f}%\n" for label, value in ceilings.items())
     report.write_report(args.output, name, data, f"## {header} per {args.per}\n\n"
-                        + report.markdown_table(["epoch" if args.per == "epoch" else "step", *curves], rows))
-    plots.plot_curves(curves, args.output / f"{name}.png", metric=args.metric, per=args.per)
+                        + report.markdown_table(["epoch" if args.per == "epoch" else "step", *curves], rows) + lines)
+    plots.plot_curves(curves, args.output / f"{name}.png", metric=args.metric, per=args.per, ceilings=ceilings)
 
 
 def heatmap_cmd(args: argparse.Namespace) -> None:
@@ -125,6 +164,49 @@ def sweep_cmd(args: argparse.Namespace) -> None:
     print(markdown)
 
 
+def ceiling_cmd(args: argparse.Namespace) -> None:
+    from vqlc_jax.analysis import plots, report, usage
+    from vqlc_jax.codebook import extract
+
+    if not args.tokens and args.counts is None:
+        raise SystemExit("ceiling: give --tokens T [T ...] and/or --counts COUNTS.npy")
+    codebook = np.load(args.codebook)
+    if codebook.ndim != 2:
+        raise SystemExit(f"--codebook {args.codebook}: expected a codebook [N, D], got shape {codebook.shape}")
+    features = args.features / extract.FEATURES_DIR
+    features = features if (features / extract.MANIFEST_NAME).is_file() else args.features
+    shards, _, _ = extract.open_features(features)
+    cells = ceiling.cell_counts(codebook, shards, rows_per_block=args.rows_per_block)
+    used = None if args.counts is None else usage.load_counts(args.counts, len(codebook))
+    tokens = {f"T={t:,}": t for t in args.tokens}
+    counted = None if used is None else f"{args.counts.name} (T={int(used.sum()):,})"
+    if counted:
+        tokens[counted] = int(used.sum())
+    summary = ceiling.summary(cells, tokens)
+    summary["duplicate_codes"] = len(codebook) - len(np.unique(codebook, axis=0))
+    data = {"codebook": str(args.codebook), "features": str(features), **summary}
+    rows = [[name, s["tokens"], 100 * s["ceiling"], 100 * s["uniform"], s["ceiling"] / s["uniform"]]
+            for name, s in summary["splits"].items()]
+    text = (f"## feature-distribution ceiling of {args.codebook}\n\n{summary['num_codes']:,} codes, "
+            f"{summary['rows']:,} feature rows ({features}), {summary['nonempty_cells']:,} non-empty cells, "
+            f"{summary['duplicate_codes']:,} duplicate codes\n\n"
+            + report.markdown_table(["tokens", "T", "ceiling %", "uniform %", "ceiling / uniform"], rows))
+    if used is not None:
+        util = float(np.mean(used > 0))
+        data.update(counts=str(args.counts), utilization=util,
+                    util_per_ceiling=util / summary["splits"][counted]["ceiling"],
+                    by_cell_size=ceiling.coverage_by_cell_size(cells, used))
+        table = [[r["cell_rows"], r["codes"], 100 * r["row_share"], 100 * r["expected_hit"], 100 * r["used"]]
+                 for r in data["by_cell_size"]]
+        text += (f"\n{args.counts}: utilization {100 * util:.1f}%, util / ceiling {data['util_per_ceiling']:.3f}\n\n"
+                 + report.markdown_table(["rows in the cell", "codes", "row share %", "ceiling's hit %", "used %"],
+                                         table))
+    report.write_report(args.output, "ceiling", data, text)
+    np.save(args.output / ceiling.CELL_COUNTS_FILE, cells)
+    plots.plot_ceiling(cells, {name: s["tokens"] for name, s in summary["splits"].items()},
+                       args.output / "ceiling.png")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vqlc_jax.analysis", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="tool", required=True)
@@ -134,6 +216,11 @@ def parser() -> argparse.ArgumentParser:
                    help="[LABEL=]WORKDIR or metrics.jsonl; repeat for several runs")
     c.add_argument("--metric", choices=("utilization", "perplexity"), default="utilization")
     c.add_argument("--per", choices=("epoch", "window"), default="epoch")
+    c.add_argument("--ceiling", type=_ceiling_value, action="append", default=[], metavar="[LABEL=]VALUE",
+                   help="draw a utilization ceiling (a share in [0, 1]) as a horizontal line; repeatable")
+    c.add_argument("--ceiling-from", type=pathlib.Path, metavar="SWEEP.json",
+                   help="draw the training-epoch ceilings of a sweep report (utilization_sweep.json: codebooks of "
+                        "the runs' N; sweep.json: rows named like the runs' folders)")
     c.set_defaults(fn=curve_cmd)
 
     h = sub.add_parser("heatmap", help="per-code frequency on a near-square grid, log colour (Fig. 3)")
@@ -169,6 +256,18 @@ def parser() -> argparse.ArgumentParser:
                    help="codebook config override for every run that builds a codebook")
     s.add_argument("--collect-only", action="store_true", help="tabulate the finished runs, train nothing")
     s.set_defaults(fn=sweep_cmd)
+
+    e = sub.add_parser("ceiling", help="feature-distribution utilization ceiling of a codebook for T tokens")
+    e.add_argument("--codebook", type=pathlib.Path, required=True, help="codebook .npy [N, D]")
+    e.add_argument("--features", type=pathlib.Path, required=True,
+                   help="the codebook's feature shards: an extraction's features folder or its build workdir")
+    e.add_argument("--tokens", type=int, nargs="+", default=[], metavar="T", help="token counts")
+    e.add_argument("--counts", type=pathlib.Path, help="a tokenizer's per-code counts .npy: its utilization against "
+                   "the ceiling at its token count, per cell size")
+    e.add_argument("--rows-per-block", type=int, default=ceiling.DEFAULT_ROWS_PER_BLOCK,
+                   help="feature rows per block of the search")
+    e.add_argument("--output", type=pathlib.Path, required=True, help="folder for the PNG, JSON and Markdown")
+    e.set_defaults(fn=ceiling_cmd)
     return p
 
 

@@ -28,17 +28,42 @@ def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def plot_curves(curves: Mapping[str, Curve], path: str | pathlib.Path, *, metric: str, per: str) -> pathlib.Path:
-    """One line per run: `metric` (utilization in %) against epochs completed or steps (Figure 3, left)."""
+def plot_curves(curves: Mapping[str, Curve], path: str | pathlib.Path, *, metric: str, per: str,
+                ceilings: Mapping[str, float] | None = None) -> pathlib.Path:
+    """One line per run: `metric` (utilization in %) against epochs completed or steps (Figure 3, left); each of
+    `ceilings` (label: utilization share) as a dashed horizontal line."""
     fig = _figure(5, 3.5)
     ax = fig.subplots()
     scale = 100.0 if metric == "utilization" else 1.0
     for label, c in curves.items():
         ax.plot(c.x, c.y * scale, marker="o", markersize=3, label=label)
+    for i, (label, value) in enumerate((ceilings or {}).items()):
+        ax.axhline(value * scale, linestyle="--", color=f"C{len(curves) + i}", label=f"{label} ({value * scale:.1f}%)")
     ax.set_xlabel("epoch" if per == "epoch" else "step")
     ax.set_ylabel("utilization (%)" if metric == "utilization" else metric)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_ceiling(cells: np.ndarray, marks: Mapping[str, int], path: str | pathlib.Path) -> pathlib.Path:
+    """The feature-distribution ceiling and uniform use against tokens T (log axis), the `marks` (label: T) as
+    points on the ceiling."""
+    from vqlc_jax.analysis.ceiling import ceiling, uniform
+
+    fig = _figure(5, 3.5)
+    ax = fig.subplots()
+    n = len(cells)
+    tokens = np.geomspace(max(1.0, n / 1000), n * 1000, 200)
+    ax.plot(tokens, 100 * ceiling(cells, tokens), label="feature-distribution ceiling")
+    ax.plot(tokens, 100 * uniform(n, tokens), linestyle="--", label="uniform, 1 - exp(-T / N)")
+    for label, t in marks.items():
+        ax.plot([t], [100 * ceiling(cells, t)], marker="o", linestyle="none", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel(f"share of the {n:,} codes used (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -19,11 +19,14 @@ A sweep config (`configs/sweeps/<name>.py`, `get_config(variant)`, started with 
 delete the folder to rebuild; the features are extracted once per distinct data/extractor/extract sections into
 `workdir/codebooks/features-<digest>`, which each codebook folder links as its `features`), point `codebook_path`
 at it, train with `train_and_evaluate(config, workdir/<run>)`
-(which resumes from the run's checkpoints), and write `workdir/<run>/sweep_result.json` (overrides and the returned
-final metrics). A run whose result says "done" is skipped; a run that comes back "preempted" (SIGTERM) stops the
+(which resumes from the run's checkpoints), and write `workdir/<run>/sweep_result.json` (overrides, the returned
+final metrics and, for runs on a codebook of their own, its feature-distribution ceiling: `analysis.ceiling`, cells
+counted over the codebook's build features and kept in its folder, for the tokens of a training epoch and of the
+validation split). A run whose result says "done" is skipped; a run that comes back "preempted" (SIGTERM) stops the
 sweep, and the next invocation resumes it. `collect` reads those files back into rows: run name, the run's own
-(swept) override values, status ("done", "preempted", or "missing" when not run yet) and the final evaluation
-metrics; `sweep_markdown` renders them.
+(swept) override values, status ("done", "preempted", or "missing" when not run yet), the final evaluation metrics
+and the ceilings (`ceiling_val`, `ceiling_epoch`, and `util_per_ceiling` = validation utilization / ceiling_val);
+`sweep_markdown` renders them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ VARIANTS = {
 METRICS = (("utilization %", "eval/utilization", 100.0), ("perplexity", "eval/perplexity", 1.0),
            ("PSNR", "eval/psnr", 1.0), ("PSNR-Y", "eval/psnr_y", 1.0), ("SSIM", "eval/ssim", 1.0),
            ("LPIPS", "eval/lpips", 1.0), ("rFID", "eval/rfid", 1.0))
+# Ceiling columns of the table: (header, row key, scale); shown when a run has a ceiling.
+CEILING_COLUMNS = (("val ceiling %", "ceiling_val", 100.0), ("util / ceiling", "util_per_ceiling", 1.0),
+                   ("epoch ceiling %", "ceiling_epoch", 100.0))
 # The codebook config's sections that decide its features (the rest only decides the clustering).
 FEATURE_SECTIONS = ("data", "extractor", "extract")
 TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, Any]]
@@ -221,6 +227,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
               train_fn: TrainFn | None = None, build_fn: BuildFn | None = None) -> list[dict[str, Any]]:
     """Runs every run not yet finished (module docstring); returns `collect`'s rows. `train_fn` and `build_fn`
     default to the trainer's `train_and_evaluate` and the codebook builder's `build`."""
+    from vqlc_jax.analysis import ceiling
+
     if train_fn is None:
         from vqlc_jax.train.trainer import train_and_evaluate as train_fn
     if build_fn is None:
@@ -230,7 +238,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     base = load_config_file(resolve(sweep.base))
     for run in runs:
         run_dir = workdir / run.name
-        if _status(_result(run_dir / RESULT_FILE)) == "done":
+        if _status(_record(run_dir / RESULT_FILE)) == "done":
             logging.info("Sweep %s: run %s already done, skipped.", sweep.name, run.name)
             continue
         run_overrides = dict(run.overrides)
@@ -244,11 +252,13 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 build_codebook(codebook, directory, features_dir(workdir, codebook), build_fn)
             run_overrides.update(codebook_path=str(directory / CODEBOOK_FILE), codebook_init="file")
         config = apply_overrides(base, run_overrides, source=f"{sweep.base} (run {run.name})")
+        ceilings = None if run.codebook is None else ceiling.summary(ceiling.directory_cell_counts(directory),
+                                                                     ceiling.split_tokens(config))
         logging.info("Sweep %s: training run %s in %s.", sweep.name, run.name, run_dir)
         result = dict(train_fn(config, run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"name": run.name, "overrides": run.overrides, "swept": run.swept, "codebook": run.codebook,
-                  "codebook_swept": run.codebook_swept, "result": result}
+                  "codebook_swept": run.codebook_swept, "result": result, "ceiling": ceilings}
         (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=1, default=str))
         if result.get("status") != "done":
             logging.warning("Sweep %s: run %s ended %s; stopping the sweep (run it again to resume).", sweep.name,
@@ -257,46 +267,57 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     return collect(runs, workdir)
 
 
-def _result(path: pathlib.Path) -> dict[str, Any] | None:
-    """The trainer's result stored in a sweep_result.json (None when there is no such file); errors name the file."""
+def _record(path: pathlib.Path) -> dict[str, Any] | None:
+    """A sweep_result.json (None when there is no such file); errors name the file."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["result"]
-    except (json.JSONDecodeError, KeyError) as err:
+        record = json.loads(path.read_text())
+        record["result"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a sweep result ({err!r})") from None
+    return record
 
 
-def _status(result: Mapping[str, Any] | None) -> str:
-    """"missing" without a result, else its status ("done" when the trainer gave none)."""
-    return "missing" if result is None else result.get("status", "done")
+def _status(record: Mapping[str, Any] | None) -> str:
+    """"missing" without a record, else its result's status ("done" when the trainer gave none)."""
+    return "missing" if record is None else record["result"].get("status", "done")
 
 
 def collect(runs: Sequence[SweepRun], workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """One row per run: run, swept values, codebook values (prefixed "codebook:"), status, step and the metrics
-    (result keys without "eval/"); runs without a result file have status "missing"."""
+    """One row per run: run, swept values, codebook values (prefixed "codebook:"), status, step, the metrics
+    (result keys without "eval/") and the ceilings when the run has them; runs without a result file have status
+    "missing"."""
     rows = []
     for run in runs:
-        result = _result(pathlib.Path(workdir) / run.name / RESULT_FILE)
+        record = _record(pathlib.Path(workdir) / run.name / RESULT_FILE)
         row = {"run": run.name, **run.swept, **{f"codebook:{k}": v for k, v in (run.codebook_swept or {}).items()},
-               "status": _status(result)}
-        if result is not None:
+               "status": _status(record)}
+        if record is not None:
+            result = record["result"]
             row["step"] = result.get("step")
             row.update({key.removeprefix("eval/"): result[key] for _, key, _ in METRICS if key in result})
+            if splits := (record.get("ceiling") or {}).get("splits"):
+                row.update(ceiling_val=splits["val"]["ceiling"], ceiling_epoch=splits["epoch"]["ceiling"])
+                if "utilization" in row:
+                    row["util_per_ceiling"] = row["utilization"] / row["ceiling_val"]
         rows.append(row)
     return rows
 
 
 def sweep_markdown(name: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as a Markdown table titled `name`: run, the scalar swept values, status, metrics."""
-    metric_keys = {key.removeprefix("eval/") for _, key, _ in METRICS}
+    """The rows as a Markdown table titled `name`: run, the scalar swept values, status, metrics, with the ceiling
+    columns after utilization % when a row has a ceiling."""
+    ceilings = CEILING_COLUMNS if any("ceiling_val" in row for row in rows) else ()
+    columns = [(header, key.removeprefix("eval/"), scale) for header, key, scale in METRICS]
+    columns[1:1] = ceilings
     swept = [k for k in dict.fromkeys(k for row in rows for k in row)
-             if k not in ("run", "status", "step", *metric_keys)
+             if k not in ("run", "status", "step", *(key for _, key, _ in columns))
              and all(isinstance(row.get(k), (str, int, float, bool, type(None))) for row in rows)]
-    headers = ["run", *swept, "status", *(header for header, _, _ in METRICS)]
+    headers = ["run", *swept, "status", *(header for header, _, _ in columns)]
     body = []
     for row in rows:
-        values = [row.get(key.removeprefix("eval/")) for _, key, _ in METRICS]
+        values = [row.get(key) for _, key, _ in columns]
         body.append([row["run"], *(row.get(k) for k in swept), row["status"],
-                     *(None if v is None else v * scale for v, (_, _, scale) in zip(values, METRICS))])
+                     *(None if v is None else v * scale for v, (_, _, scale) in zip(values, columns))])
     return f"## {name}\n\n" + markdown_table(headers, body)
