@@ -58,7 +58,14 @@ def test_unavailable_metrics_are_reported_not_computed(result, tmp_path):
     table = (tmp_path / "eval.md").read_text()
     assert "| tiny |" in table and "n/a" in table and "rfid unavailable" in table
     assert np.load(tmp_path / "code_counts.npy").sum() == 12 * 8 * 8
-    assert (tmp_path / "grid.png").is_file()
+    # 16 px crops enlarged 4x (nearest neighbour) under a 14 px caption: 2 rows of 64 px, 8 crops of 64 px.
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (14 + 2 * 64, 8 * 64, 3)
+    top_left = grid[14:18, :4]  # one source pixel became a 4 x 4 block
+    assert (top_left == top_left[0, 0]).all()
+    assert (grid[:14] < 128).any()  # the caption's text
 
 
 def test_cli_writes_the_report(tok, tmp_path):

@@ -171,14 +171,43 @@ def load_metric_models(lpips_path: str, fid_path: str) -> tuple[Model | None, Mo
     return found.get("lpips"), found.get("rfid"), unavailable
 
 
-def save_grid(originals: np.ndarray, reconstructions: np.ndarray, path: pathlib.Path) -> np.ndarray:
-    """Writes originals (top row) over reconstructions (bottom row) as a PNG; returns the grid, uint8 HWC."""
+def enlarge(images: np.ndarray, min_side: int = 64) -> np.ndarray:
+    """Images [..., H, W, C] repeated pixel by pixel (nearest neighbour) so that H >= `min_side`: small crops stay
+    visible in a grid."""
+    scale = max(1, -(-min_side // images.shape[-3]))
+    return images.repeat(scale, axis=-3).repeat(scale, axis=-2)
+
+
+def with_caption(grid: np.ndarray, text: str, height: int = 14) -> np.ndarray:
+    """The uint8 HWC `grid` under a white strip holding `text`."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (grid.shape[1], height), (255, 255, 255))
+    ImageDraw.Draw(strip).text((2, 1), text, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(strip), grid], axis=0)
+
+
+def save_grid(originals: np.ndarray, reconstructions: np.ndarray, path: pathlib.Path, caption: str = "") -> np.ndarray:
+    """Writes originals (top row) over reconstructions (bottom row), enlarged to at least 64 px and under a
+    `caption` line, as a PNG; returns the grid, uint8 HWC."""
     from PIL import Image
 
-    rows = [np.concatenate(list(images), axis=1) for images in (originals, reconstructions)]
-    grid = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
+    rows = [np.concatenate(list(enlarge((np.clip(images, 0, 1) * 255).round().astype(np.uint8))), axis=1)
+            for images in (originals, reconstructions)]
+    grid = np.concatenate(rows, axis=0)
+    if caption:
+        grid = with_caption(grid, caption)
     Image.fromarray(grid).save(path)
     return grid
+
+
+def grid_caption(scalars: dict[str, float]) -> str:
+    """One line of the reconstruction metrics for a grid."""
+    parts = [f"PSNR {scalars['psnr']:.2f}", f"SSIM {scalars['ssim']:.4f}",
+             f"utilization {100 * scalars['utilization']:.1f}%"]
+    if "lpips" in scalars:
+        parts.append(f"LPIPS {scalars['lpips']:.4f}")
+    return ", ".join(parts)
 
 
 def markdown_table(result: EvalResult, name: str) -> str:
@@ -205,7 +234,8 @@ def write_report(result: EvalResult, output: pathlib.Path, *, name: str, extra: 
     (output / "eval.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     (output / "eval.md").write_text(markdown_table(result, name))
     np.save(output / "code_counts.npy", result.counts)
-    save_grid(result.originals, result.reconstructions, output / "grid.png")
+    save_grid(result.originals, result.reconstructions, output / "grid.png",
+              caption=f"{name}: {grid_caption(result.scalars)}")
     return report
 
 

@@ -75,26 +75,22 @@ def grid_labels(num_classes: int, classes: int, per_class: int) -> np.ndarray:
 
 
 def save_sample_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: pathlib.Path) -> np.ndarray:
-    """Writes samples in [-1, 1] as a PNG, `per_row` per row, each row captioned with its class; returns the
-    grid (uint8 HWC)."""
-    from PIL import Image, ImageDraw
+    """Writes samples in [-1, 1] as a PNG, `per_row` per row, enlarged to at least 64 px, each row under a caption
+    of its class; returns the grid (uint8 HWC)."""
+    from PIL import Image
 
-    images = ((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    n, h, w, _ = images.shape
-    scale = max(1, 64 // h)  # small samples are enlarged (nearest neighbour) so that they can be seen
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    rows = [images[i:i + per_row] for i in range(0, n, per_row)]
-    caption = 14
-    grid = np.full((len(rows) * (h * scale + caption), per_row * w * scale, 3), 255, np.uint8)
-    canvas = Image.fromarray(grid)
-    draw = ImageDraw.Draw(canvas)
-    for r, row in enumerate(rows):
-        top = r * (h * scale + caption)
-        draw.text((2, top + 1), f"class {int(labels[r * per_row])}", fill=(0, 0, 0))
-        for c, image in enumerate(row):
-            canvas.paste(Image.fromarray(image), (c * w * scale, top + caption))
-    canvas.save(path)
-    return np.asarray(canvas)
+    from vqlc_jax.evaluate import enlarge, with_caption
+
+    images = enlarge(((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).round().astype(np.uint8))
+    rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
+    width = per_row * images.shape[2]
+    grid = np.concatenate([
+        with_caption(np.pad(np.concatenate(list(row), axis=1), ((0, 0), (0, width - len(row) * images.shape[2]),
+                                                                (0, 0)), constant_values=255),
+                     f"class {int(labels[r * per_row])}")
+        for r, row in enumerate(rows)])
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 class GeneratorTask(loop.Task):

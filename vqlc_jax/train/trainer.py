@@ -151,7 +151,8 @@ def evaluate(run: Run, state: TrainState, workdir: pathlib.Path, step: int, writ
     scalars = {f"eval/{k}": v for k, v in result.scalars.items()}
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
-        grid = evaluate_lib.save_grid(result.originals, result.reconstructions, workdir / f"recon_{step:07d}.png")
+        grid = evaluate_lib.save_grid(result.originals, result.reconstructions, workdir / f"recon_{step:07d}.png",
+                                      caption=f"step {step}: {evaluate_lib.grid_caption(result.scalars)}")
         writer.write_images(step, {"eval/reconstructions": grid[None]})
         np.save(workdir / "eval_code_counts.npy", result.counts)
     return scalars
