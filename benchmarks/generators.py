@@ -130,7 +130,7 @@ def paper_size(name: str) -> dict:
         y = jax.ShapeDtypeStruct((1,), jnp.int32)
         forward = jax.jit(lambda p, x, t, y: family.model.apply({"params": p}, x, t, y))
         cost = forward.lower(abstract, x, t, y).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # some backends give none before compiling
     return {"config": PAPER_CONFIGS[name], "params": count, "gflops": float(cost.get("flops", float("nan"))) / 1e9}
 
 

@@ -7,7 +7,8 @@ Prints a Markdown table of samples/s (compile time excluded, one timed run each 
   about 6% to its work at 256 tokens);
 - with --padded, `sample_tokens_no_cache`: the full forward over the fixed-length sequence every step, one compiled
   program (about twice the release's work; the tests' oracle).
-All draw the same tokens (checked). Weights are random: the numbers are speed only.
+The share of tokens equal to the cached sampler's is printed (100% on CPU float32). Weights are random: the numbers
+are speed only.
 
   python benchmarks/gpt_sampling.py              # 4 layers x 256 wide, N = 16,384, batch 8, 16x16 tokens
   python benchmarks/gpt_sampling.py --quick      # small smoke run
@@ -99,28 +100,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, sampler in samplers:
         compiled = jax.jit(functools.partial(sampler, model, **options)).lower(variables, rng, labels).compile()
         seconds, tokens = timed(compiled, variables, rng, labels)
-        rows.append((name, seconds))
-        if reference is None:
-            reference = tokens
-        elif not np.array_equal(tokens, reference):
-            raise AssertionError(f"{name} drew other tokens than the cached sampler")
+        reference = tokens if reference is None else reference
+        rows.append((name, seconds, float(np.mean(tokens == reference))))
     loop, warm_up = make_release_loop(model, top_k=top_k, bucket=args.bucket)
     warm_up(variables, rng, args.batch, num_tokens)
     seconds, tokens = timed(loop, variables, rng, labels, num_tokens)
-    if not np.array_equal(tokens, reference):
-        raise AssertionError("the release loop drew other tokens than the cached sampler")
-    rows.append((f"release loop (prefix re-forward, buckets of {args.bucket}, Python loop)", seconds))
+    rows.append((f"release loop (prefix re-forward, buckets of {args.bucket}, Python loop)", seconds,
+                 float(np.mean(tokens == reference))))
 
     params = sum(x.size for x in jax.tree.leaves(variables))
     print(f"GPT {args.variant}: {args.layers} layers x {args.width} wide, {args.heads} heads, N = {args.codes:,} "
           f"codes + {args.classes} classes ({params / 1e6:.1f}M parameters, random weights), {num_tokens} tokens "
           f"({args.grid}x{args.grid}), batch {args.batch}, top-k {top_k}, float32, {jax.devices()[0].platform}; "
           "compile time excluded\n")
-    print("| sampler | seconds / batch | samples/s | cache speed-up |")
-    print("|---|---|---|---|")
+    print("| sampler | seconds / batch | samples/s | cache speed-up | tokens equal to the cached sampler's |")
+    print("|---|---|---|---|---|")
     cached = rows[0][1]
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.2f} | {args.batch / seconds:.2f} | {seconds / cached:.1f}x |")
+    for name, seconds, same in rows:
+        print(f"| {name} | {seconds:.2f} | {args.batch / seconds:.2f} | {seconds / cached:.1f}x | {same:.1%} |")
+    print("\nSame draws on CPU float32 (100%); on GPUs, float32 matmuls run as TF32 by default and the two orders of "
+          "summation round differently, so a sample's tokens part ways after the first near-tie.")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,28 @@
-"""The generator training step against the official release's, at the `tiny_linear` fixture's size, on 1 CPU device.
+"""The generator training step, ours against the official release's, timed side by side in one run.
 
-The step is the trainer's own: `build_run(config)` (model, Adam, LPIPS loaded from a `.npz` through
-`loss.lpips_path`, a born-sharded state) and the same `jax.jit(train_step, ..., donate_argnums=(0,))` that
-`train_and_evaluate` builds. Configuration, as the team measured the release (see
-../shared/notes/official_vqgan_lc.md, last section): ddconfig of `tiny_linear` (32 px, ch 32, ch_mult [1, 2],
-one res block, z_channels 16, attention at 16), embed_dim D' = 8, linear projector, batch 16, a frozen codebook
-of dimension 768 with N codes, L1 + quantization (x0.1) + LPIPS loss, Adam; no GAN (`use_gan=False`). A row with
-the GAN on (PatchGAN update + adaptive weight) is printed for information; the release was not measured with it.
+Ours is the trainer's own step: `build_run(config)` (model, Adam, LPIPS loaded from a `.npz` through
+`loss.lpips_path`, a born-sharded state) and the same `jax.jit(train_step, ..., donate_argnums=(0,))` that the
+trainer builds, on one device. The release's is `../shared/tools/bench_official_step.py` (the official
+`VQModel`: encoder, LC quantizer, decoder, L1 + quantization + LPIPS loss, Adam; torch on the GPU when it sees one,
+else on CPU with --threads threads), run in a subprocess by the Python that has torch (--torch-python) with the
+release's `vqgan-gpt-lc` folder (--official; the release can be fetched from github.com/zh460045050/VQGAN-LC).
+The two alternate, round after round (ours, release, ours, release, ...), so that both see the same machine load;
+each round gives one ratio, and only those ratios are reported. Without --official only our step is timed.
 
-The codebook is Gaussian (`codebook_init="random"`) and the LPIPS weights are random (written to a temporary .npz
-and loaded by the trainer's path): speed does not depend on either, the loss values are meaningless.
+Configuration: `--model tiny` is the `tiny_linear` fixture's ddconfig (32 px, ch 32, ch_mult [1, 2], one res
+block, z_channels 16, attention at 16; D' = 8), `--model f16` the paper's f16 model at 256 px
+(`configs/vqgan_lc_imagenet_f16.py`); linear projector, a frozen 768-d codebook of N codes, batch 16, no GAN (the
+first phase of training). The codebook is Gaussian and the LPIPS weights random: speed does not depend on them.
 
-Two speed-ups this benchmark found are in the library now: LPIPS 3x3 convs on maps smaller than the kernel as
-im2col + matmul (`models.lpips.Conv3x3`; XLA:CPU's convolution ran the 2x2 maps of the last VGG slice at 32 px at
-well under 1 GFLOP/s), and the `fold` nearest-code search (`quantizers.search`, chosen by `method="auto"` on CPU)
-in place of XLA:CPU's slow variadic (min, argmin) reduction. The breakdown times the older forms for reference.
+Two speed-ups this benchmark found are in the library: LPIPS 3x3 convs on maps smaller than the kernel as im2col +
+matmul (`models.lpips.Conv3x3`) and the `fold` nearest-code search on CPU (`quantizers.search`); `--breakdown`
+times the quantizer's parts and LPIPS alone next to the older forms.
 
-Reported: compile time of the step, images/s = batch / median step time (timed steps after warm-up steps, each
-ended by block_until_ready), and (unless --no-breakdown) the quantizer's parts timed alone (projecting the N x 768
-codebook, the library's search, its `reduce` form, the release's matmul-form search, the whole quantizer forward +
-backward) and LPIPS forward + backward alone, with the convolution-only VGG trunk (before `Conv3x3`) for reference.
+    python benchmarks/train_step.py --official .release/vqgan-gpt-lc --torch-python /path/to/torch/python
+    python benchmarks/train_step.py --codes 100000 --rounds 5 --steps 5 --official ... --torch-python ...
+    python benchmarks/train_step.py --quick          # smoke run: N=4096, 2 timed steps, ours only
 
-    python benchmarks/train_step.py                  # N in {16384, 100000}, 10 timed steps each (~25 min here)
-    python benchmarks/train_step.py --quick          # smoke run: N=4096, 2 timed steps, library step only
-    python benchmarks/train_step.py --codes 100000 --steps 5 --no-gan
-
-Timings on a shared machine are noisy: run it a few times and compare medians.
+Timings on a shared machine are noisy: compare the per-round ratios, not single figures.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ from __future__ import annotations
 import os
 
 # One CPU device unless the caller chose otherwise (must happen before jax is imported).
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
 
@@ -42,7 +38,10 @@ import contextlib
 import functools
 import json
 import pathlib
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -52,31 +51,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FIXTURE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_vqgan_lc"
-           / "tiny_linear.json")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "official_vqgan_lc" / "tiny_linear.json"
+OFFICIAL_SCRIPT = ROOT.parent / "shared" / "tools" / "bench_official_step.py"
 # The fixture's ddconfig and embed_dim, used when the fixture file is not at hand.
 TINY_DDCONFIG = {"double_z": False, "z_channels": 16, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
                  "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (16,), "dropout": 0.0}
 TINY_EMBED_DIM = 8
-# images/s of the official generator step, torch 2.13 CPU, 2 threads, same configuration (measured by the team).
-OFFICIAL_IMAGES_PER_SEC = {16_384: 11.0, 100_000: 3.8}
 # Step variants.
 LIBRARY = "generator (no GAN)"
 GAN = "generator + GAN (D update, adaptive weight), for information"
 VARIANTS = {LIBRARY: False, GAN: True}  # name -> use_gan
 
 
-def tiny_model_config() -> tuple[dict, int]:
+def model_config(name: str) -> tuple[dict, int]:
+    """(ddconfig, embed_dim): `tiny` = the `tiny_linear` fixture's, `f16` = configs/vqgan_lc_imagenet_f16.py's."""
+    if name == "f16":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("f16", ROOT / "configs" / "vqgan_lc_imagenet_f16.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.get_config().model
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in model.ddconfig.items()}, int(model.embed_dim)
     if FIXTURE.is_file():
         fixture = json.loads(FIXTURE.read_text())
         return dict(fixture["ddconfig"]), int(fixture["embed_dim"])
     return dict(TINY_DDCONFIG), TINY_EMBED_DIM
 
 
-def make_config(num_codes: int, batch: int, codebook_dim: int, chunk_size: int, lpips_path: str):
+def make_config(model: tuple[dict, int], num_codes: int, batch: int, codebook_dim: int, chunk_size: int,
+                lpips_path: str):
     from vqlc_jax.train.config import base_config
 
-    ddconfig, embed_dim = tiny_model_config()
+    ddconfig, embed_dim = model
     c = base_config()
     c.global_batch_size = batch
     c.total_steps = 10_000
@@ -125,44 +133,68 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[floa
     return times
 
 
-def bench_step(num_codes: int, variant: str, args: argparse.Namespace, lpips_path: str) -> dict:
-    """Compile seconds, step seconds (all timed steps), temp memory of the trainer's jitted step."""
+def prepare_step(model: tuple[dict, int], num_codes: int, variant: str, args: argparse.Namespace,
+                 lpips_path: str) -> dict:
+    """The trainer's jitted step for N codes, compiled: {'call': one step -> metrics, 'compile_s', 'temp', 'run',
+    'state' (a callable giving the current state)}."""
     from vqlc_jax import parallel
     from vqlc_jax.train.steps import train_step
     from vqlc_jax.train.trainer import build_run
 
-    config = make_config(num_codes, args.batch, args.codebook_dim, args.chunk_size, lpips_path)
+    config = make_config(model, num_codes, args.batch, args.codebook_dim, args.chunk_size, lpips_path)
     use_gan = VARIANTS[variant]
     run = build_run(config)
-    state = run.init_state()
     rng = np.random.default_rng(args.seed)
     res = config.data.resolution
     images_sharding = parallel.batch_sharding(run.mesh)
     images = parallel.global_batch(rng.uniform(-1, 1, (args.batch, res, res, 3)).astype(np.float32), images_sharding)
-    # The trainer's jit (train_and_evaluate), state donated.
+    # The trainer's jit, state donated.
     step = jax.jit(
         lambda s, x, lp: train_step(run.fns, s, x, lp, use_gan=use_gan),
         in_shardings=(run.state_shardings, images_sharding, parallel.replicated(run.mesh)),
         out_shardings=(run.state_shardings, parallel.replicated(run.mesh)),
         donate_argnums=(0,))
+    holder = {"state": run.init_state()}
     with jax.set_mesh(run.mesh):
         start = time.perf_counter()
-        compiled = step.lower(state, images, run.lpips_vars).compile()
+        compiled = step.lower(holder["state"], images, run.lpips_vars).compile()
         compile_s = time.perf_counter() - start
-        analysis = compiled.memory_analysis()
-        temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+    analysis = compiled.memory_analysis()
 
-        holder = {"state": state}
+    def call():
+        holder["state"], metrics = compiled(holder["state"], images, run.lpips_vars)
+        return metrics
 
-        def one_step():
-            holder["state"], metrics = compiled(holder["state"], images, run.lpips_vars)
-            return metrics
+    return {"call": call, "compile_s": compile_s, "run": run, "state": lambda: holder["state"],
+            "temp": None if analysis is None else int(analysis.temp_size_in_bytes)}
 
-        times = time_calls(one_step, args.warmup, args.steps)
-        metrics = jax.device_get(one_step())
-    if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"non-finite loss at N={num_codes}: {metrics}")
-    return {"compile_s": compile_s, "times": times, "temp": temp, "state": holder["state"], "run": run}
+
+def time_ours(prepared: dict, args: argparse.Namespace) -> float:
+    """images/s of one block of timed steps (median step) after the warm-up steps; checks the loss is finite."""
+    with jax.set_mesh(prepared["run"].mesh):
+        times = time_calls(prepared["call"], args.warmup, args.steps)
+        loss = float(jax.device_get(prepared["call"]())["loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss}")
+    return args.batch / statistics.median(times)
+
+
+def time_release(model: tuple[dict, int], num_codes: int, args: argparse.Namespace) -> tuple[float, str]:
+    """images/s of the release's step (its script: median of 5 timed steps after 2 warm-ups) and its report line."""
+    ddconfig, embed_dim = model
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = pathlib.Path(tmp) / "config.json"
+        config_path.write_text(json.dumps({"ddconfig": ddconfig, "embed_dim": embed_dim}))
+        out = subprocess.run(
+            [args.torch_python, str(args.official_script), str(config_path), str(args.batch), str(num_codes),
+             str(args.threads)],
+            env={**os.environ, "OFFICIAL": str(pathlib.Path(args.official).resolve())},
+            capture_output=True, text=True, check=False)
+    match = re.search(r"^(official .*: ([0-9.]+) img/s.*)$", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or match is None:
+        raise RuntimeError(f"the release's step failed ({args.official_script}, exit {out.returncode}):\n"
+                           f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(match.group(2)), match.group(1)
 
 
 def bench_quantizer(run, state, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, str]]:
@@ -257,22 +289,32 @@ def bench_lpips(run, args: argparse.Namespace) -> tuple[dict[str, float], float]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "f16"], default="tiny", help="ddconfig (see the docstring)")
     parser.add_argument("--codes", type=int, nargs="+", default=[16_384, 100_000], help="codebook sizes N")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--codebook-dim", type=int, default=768)
     parser.add_argument("--chunk-size", type=int, default=16_384, help="codes per search chunk (the config default)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each block of ours")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block of ours (median; the release's "
+                        "script times 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations ours / release per N")
+    parser.add_argument("--official", help="the release's vqgan-gpt-lc folder: time its step side by side")
+    parser.add_argument("--torch-python", default=sys.executable, help="a Python with torch, for the release")
+    parser.add_argument("--official-script", default=str(OFFICIAL_SCRIPT), help="the script timing the release")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads for the release")
+    parser.add_argument("--gan", action="store_true", help="also time ours with the GAN on (no release figure)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the quantizer's parts and LPIPS alone")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per breakdown part (median)")
-    parser.add_argument("--no-gan", action="store_true", help="skip the GAN-on rows")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip timing the quantizer's parts")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: N=4096, 1 warm-up, 2 timed steps, only the no-GAN row, no breakdown")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=4096, 1 round, 1 warm-up, 2 timed steps")
     args = parser.parse_args(argv)
     if args.quick:
-        args.codes, args.warmup, args.steps, args.repeats = [4096], 1, 2, 2
-        args.no_gan = args.no_breakdown = True
+        args.codes, args.rounds, args.warmup, args.steps, args.repeats = [4096], 1, 1, 2, 2
+    if args.official:
+        for path, what in ((pathlib.Path(args.official) / "models" / "models_vq.py", "--official"),
+                           (pathlib.Path(args.official_script), "--official-script")):
+            if not path.is_file():
+                parser.error(f"{what}: {path} not found")
     return args
 
 
@@ -280,66 +322,66 @@ def _mb(num_bytes: int | None) -> str:
     return "n/a" if num_bytes is None else f"{num_bytes / 2**20:,.0f}"
 
 
+def _spread(values: Sequence[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     device = jax.devices()[0]
-    ddconfig, embed_dim = tiny_model_config()
-    print(f"jax {jax.__version__}, {jax.device_count()} device(s): {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPU cores visible; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"tiny_linear ddconfig (res {ddconfig['resolution']}, ch {ddconfig['ch']}, "
-          f"ch_mult {list(ddconfig['ch_mult'])}, z_channels {ddconfig['z_channels']}), D'={embed_dim}, "
-          f"batch {args.batch}, codebook dim {args.codebook_dim}, chunk {args.chunk_size}; warm-up {args.warmup}, "
-          f"timed steps {args.steps}.")
+    model = model_config(args.model)
+    ddconfig = model[0]
+    print(f"jax {jax.__version__}, {device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores visible; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"model {args.model}: res {ddconfig['resolution']}, ch {ddconfig['ch']}, ch_mult {list(ddconfig['ch_mult'])}, "
+          f"z_channels {ddconfig['z_channels']}, D'={model[1]}; batch {args.batch}, codebook dim {args.codebook_dim}, "
+          f"chunk {args.chunk_size}; {args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps.")
     print("Random LPIPS weights and a Gaussian codebook (speed only; loss values are meaningless).\n")
 
     rows, breakdowns, lpips_times = [], {}, None
-    variants = [LIBRARY] + ([] if args.no_gan else [GAN])
+    variants = [LIBRARY] + ([GAN] if args.gan else [])
     with tempfile.TemporaryDirectory() as tmp:
         lpips_path = str(pathlib.Path(tmp) / "lpips_random.npz")
         write_random_lpips(pathlib.Path(lpips_path))
         for num_codes in args.codes:
             for variant in variants:
-                result = bench_step(num_codes, variant, args, lpips_path)
-                times = result["times"]
-                r = {"codes": num_codes, "variant": variant, "compile_s": result["compile_s"],
-                     "median": statistics.median(times), "spread": (min(times), max(times)), "temp": result["temp"]}
-                rows.append(r)
-                print(f"  N={num_codes:,} {variant}: compile {r['compile_s']:.1f} s, step median "
-                      f"{r['median'] * 1e3:,.0f} ms (min {r['spread'][0] * 1e3:,.0f}, max {r['spread'][1] * 1e3:,.0f})",
-                      flush=True)
-                if variant == LIBRARY and not args.no_breakdown:
-                    breakdowns[num_codes] = bench_quantizer(result["run"], result["state"], args)
+                prepared = prepare_step(model, num_codes, variant, args, lpips_path)
+                side_by_side = args.official and variant == LIBRARY
+                ours, release = [], []
+                for round_ in range(args.rounds):
+                    ours.append(time_ours(prepared, args))
+                    line = f"  N={num_codes:,} {variant} round {round_ + 1}: ours {ours[-1]:.2f} img/s"
+                    if side_by_side:
+                        speed, report = time_release(model, num_codes, args)
+                        release.append(speed)
+                        line += f"; {report}"
+                    print(line, flush=True)
+                rows.append({"codes": num_codes, "variant": variant, "ours": ours, "release": release,
+                             "compile_s": prepared["compile_s"], "temp": prepared["temp"]})
+                if variant == LIBRARY and args.breakdown:
+                    breakdowns[num_codes] = bench_quantizer(prepared["run"], prepared["state"](), args)
                     if lpips_times is None:
-                        lpips_times = bench_lpips(result["run"], args)
-                del result
+                        lpips_times = bench_lpips(prepared["run"], args)
+                del prepared
 
-    print("\n| N codes | step | ours images/s | release images/s (measured by the team, torch 2.13 CPU 2 threads) "
-          "| ours / release | step ms (median) | min-max ms | compile s | temp MB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| N codes | step | ours images/s | release images/s | ours / release, per round | compile s | temp MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ours = args.batch / r["median"]
-        official = OFFICIAL_IMAGES_PER_SEC.get(r["codes"]) if args.batch == 16 else None
-        official_s = f"{official:.1f}" if official and r["variant"] != GAN else "-"
-        ratio = f"{ours / official:.2f}x" if official and r["variant"] != GAN else "-"
-        print(f"| {r['codes']:,} | {r['variant']} | {ours:.2f} | {official_s} | {ratio} | {r['median'] * 1e3:,.0f} | "
-              f"{r['spread'][0] * 1e3:,.0f}-{r['spread'][1] * 1e3:,.0f} | {r['compile_s']:.1f} | {_mb(r['temp'])} |")
-    print("\nRelease: the official generator step (no GAN), same configuration, measured by the team, torch 2.13 CPU "
-          "2 threads (../shared/notes/official_vqgan_lc.md). The release's GAN step was not measured.")
+        release = _spread(r["release"], ".2f") if r["release"] else "-"
+        ratios = _spread([o / e for o, e in zip(r["ours"], r["release"])], ".2f") + "x" if r["release"] else "-"
+        print(f"| {r['codes']:,} | {r['variant']} | {_spread(r['ours'], '.2f')} | {release} | {ratios} | "
+              f"{r['compile_s']:.1f} | {_mb(r['temp'])} |")
+    print("\nMedian (min-max) over rounds; each round times ours, then the release, on the same machine.")
 
     if breakdowns:
         factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
         tokens = args.batch * (ddconfig["resolution"] // factor) ** 2
-        print(f"\nQuantizer parts alone (T = {tokens:,} tokens, median of {args.repeats}; ms), next to the whole "
-              "step:\n")
+        print(f"\nQuantizer parts alone (T = {tokens:,} tokens, median of {args.repeats}; ms):\n")
         codes = list(breakdowns)
         print("| part | " + " | ".join(f"N={n:,}" for n in codes) + " |")
         print("|---|" + "---:|" * len(codes))
         for name in breakdowns[codes[0]][0]:
             print(f"| {name} | " + " | ".join(f"{breakdowns[n][0][name]:,.1f}" for n in codes) + " |")
-        for variant in variants:
-            if variant != GAN:
-                steps = {r["codes"]: r["median"] for r in rows if r["variant"] == variant}
-                print(f"| whole step: {variant} | " + " | ".join(f"{steps[n] * 1e3:,.1f}" for n in codes) + " |")
         for name in breakdowns[codes[0]][1]:
             print(f"| {name} | " + " | ".join(breakdowns[n][1][name] for n in codes) + " |")
     if lpips_times:
@@ -350,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, ms in times.items():
             print(f"| {name} | {ms:,.1f} |")
         print(f"\nConv3x3 vs convolution only: largest relative difference of LPIPS value and gradient {rel:.1e}.")
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
-"""Every trainer config file (tokenizer or generator) loads, names its variants, and passes validation; the
-baselines differ from the LC recipe only in the quantizer (tokenizers) or the codebook size (GPT)."""
+"""Every trainer config file (tokenizer, generator or classifier) loads, names its variants, and passes
+validation; the baselines differ from the LC recipe only in the quantizer (tokenizers) or the codebook size (GPT)."""
 
 import importlib.util
 
@@ -7,6 +7,7 @@ import pytest
 from conftest import PROJECT_ROOT
 
 from vqlc_jax.generators import config as generator_config
+from vqlc_jax.train import classifier
 from vqlc_jax.train import config as config_lib
 
 TRAINER_CONFIGS = sorted(p for p in (PROJECT_ROOT / "configs").glob("*.py"))
@@ -28,6 +29,12 @@ def test_config_validates(path):
             generator_config.validate(config)
         config.data.encoded_dir = "encoded"
         generator_config.validate(config)
+    elif "classifier" in config:
+        assert config.data.encoded_dir == config.data.eval_encoded_dir == ""  # paths the user supplies
+        with pytest.raises(ValueError, match="data.encoded_dir"):
+            classifier.validate(config)
+        config.data.encoded_dir = config.data.eval_encoded_dir = "encoded"
+        classifier.validate(config)
     elif config.model.quantizer.name == "lc" and config.codebook_init == "file":
         assert config.codebook_path == ""  # a path the user supplies: validation must ask for it
         with pytest.raises(ValueError, match="codebook_path"):

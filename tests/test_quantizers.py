@@ -323,10 +323,10 @@ def test_lc_with_codebook_split_over_model_axis():
 
 
 def test_registry():
-    assert set(QUANTIZERS) == {"lc", "vq", "fc", "ema"}
+    assert set(QUANTIZERS) == {"lc", "vq", "fc", "ema", "l2vq", "fq"}
     assert isinstance(make_quantizer("fc", num_codes=4, embed_dim=2), FCQuantizer)
     assert isinstance(make_quantizer("vq", num_codes=4, embed_dim=2), VQQuantizer)
-    with pytest.raises(ValueError, match=r"unknown quantizer 'lfq'; choices: lc, vq, fc, ema"):
+    with pytest.raises(ValueError, match=r"unknown quantizer 'lfq'; choices: lc, vq, fc, ema, l2vq, fq"):
         make_quantizer("lfq", num_codes=4, embed_dim=2)
     with pytest.raises(ValueError, match=r"unknown options \['codebook_dim'\]"):
         make_quantizer("vq", num_codes=4, embed_dim=2, codebook_dim=3)

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import pathlib
 import platform
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,10 @@ class EvalResult:
     reconstructions: np.ndarray
 
 
-def _batch_fn(model: VQModel, num_codes: int, lpips: Model | None, fid: Model | None):
-    """(variables, lpips_vars, fid_vars, images, mask) -> (masked per-metric sums, code counts, recon, features)."""
+def _batch_fn(model: VQModel, sizes: tuple[int, ...], lpips: Model | None, fid: Model | None):
+    """(variables, lpips_vars, fid_vars, images, mask) -> (masked per-metric sums, code counts, recon, features).
+
+    With k > 1 sub-codebooks (tokens [B, k, h, w]) the counts are those of each codebook, one after the other."""
 
     def fn(variables, lpips_vars, fid_vars, images, mask):
         recon, indices, aux = model.apply(variables, images)
@@ -67,28 +69,36 @@ def _batch_fn(model: VQModel, num_codes: int, lpips: Model | None, fid: Model | 
             per_image["lpips"] = lpips[0](lpips_vars, images, 2 * r - 1)
         sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
         sums["quant_loss"] = aux["quant_loss"] * jnp.sum(mask)
-        token_weights = jnp.broadcast_to(mask[:, None, None], indices.shape).reshape(-1)
-        counts = jnp.bincount(indices.reshape(-1), weights=token_weights, length=num_codes)
+        if len(sizes) > 1:
+            indices = indices + jnp.asarray(np.cumsum((0, *sizes[:-1])), indices.dtype)[:, None, None]
+        token_weights = jnp.broadcast_to(mask.reshape(-1, *(1,) * (indices.ndim - 1)), indices.shape).reshape(-1)
+        counts = jnp.bincount(indices.reshape(-1), weights=token_weights, length=sum(sizes))
         features = (fid[0](fid_vars, x), fid[0](fid_vars, r)) if fid is not None else None
         return sums, counts, r, features
 
     return fn
 
 
-def evaluate_tokenizer(model: VQModel, variables: Any, data: ml_collections.ConfigDict, *, num_codes: int,
-                       batch_size: int, mesh: jax.sharding.Mesh, lpips: Model | None = None,
-                       fid: Model | None = None, unavailable: dict[str, str] | None = None) -> EvalResult:
-    """Runs `model` over `data.eval_split` of `data.name` (at most `data.eval_max_images` images when > 0)."""
+def evaluate_tokenizer(model: VQModel, variables: Any, data: ml_collections.ConfigDict, *,
+                       num_codes: int | Sequence[int], batch_size: int, mesh: jax.sharding.Mesh,
+                       lpips: Model | None = None, fid: Model | None = None,
+                       unavailable: dict[str, str] | None = None, codebook_names: Sequence[str] = ()) -> EvalResult:
+    """Runs `model` over `data.eval_split` of `data.name` (at most `data.eval_max_images` images when > 0).
+
+    A factorized tokenizer passes its `codebook_sizes` as `num_codes` and its `codebook_names`: utilization and
+    perplexity are then also reported per sub-codebook (`utilization_<name>`, `perplexity_<name>`), the plain keys
+    over all codes together; `counts` holds the sub-codebooks' counts one after the other."""
     from vqlc_jax import data as data_lib
 
+    sizes = (num_codes,) if isinstance(num_codes, int) else tuple(int(n) for n in num_codes)
     source = data_lib.make_source(data.name, data.eval_split, data.options)
     if data.eval_max_images:
         source = data_lib.Subset(source, data.eval_max_images)
     sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    step = jax.jit(_batch_fn(model, num_codes, lpips, fid),
+    step = jax.jit(_batch_fn(model, sizes, lpips, fid),
                    out_shardings=(replicated, replicated, sharding, sharding if fid else None))
     totals: dict[str, float] = {}
-    counts = np.zeros(num_codes, np.float64)
+    counts = np.zeros(sum(sizes), np.float64)
     stats = (metrics.FeatureStats.zeros(2048), metrics.FeatureStats.zeros(2048)) if fid else None
     n = 0
     originals, recons = [], []
@@ -116,6 +126,10 @@ def evaluate_tokenizer(model: VQModel, variables: Any, data: ml_collections.Conf
     counts = counts.round().astype(np.int64)
     scalars.update(utilization=float(metrics.utilization(counts)), perplexity=float(metrics.perplexity(counts)),
                    num_images=float(n))
+    if len(sizes) > 1:
+        for name, part in zip(codebook_names or map(str, range(len(sizes))), np.split(counts, np.cumsum(sizes)[:-1])):
+            scalars[f"utilization_{name}"] = float(metrics.utilization(part))
+            scalars[f"perplexity_{name}"] = float(metrics.perplexity(part))
     if stats:
         real, fake = (merge_over_processes(s) for s in stats)
         scalars["rfid"] = metrics.frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
@@ -256,9 +270,9 @@ def main(argv):
         logging.warning("%s unavailable: %s", metric, reason)
     mesh = parallel.make_mesh()
     variables = jax.device_put(tok.variables, parallel.replicated(mesh))
-    result = evaluate_tokenizer(tok.model, variables, config.data, num_codes=tok.num_codes,
+    result = evaluate_tokenizer(tok.model, variables, config.data, num_codes=tok.codebook_sizes,
                                 batch_size=config.batch_size, mesh=mesh, lpips=lpips, fid=fid,
-                                unavailable=unavailable)
+                                unavailable=unavailable, codebook_names=tok.codebook_names)
     output = pathlib.Path(f.output or directory / "eval")
     if jax.process_index() == 0:
         write_report(result, output, name=str(directory), extra={"data": config.data.to_dict()})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,48 @@ def reconstruction_loss(images: Array, reconstructions: Array, *, kind: str = "l
     if kind == "l2":
         return jnp.mean(jnp.square(diff))
     raise ValueError(f"reconstruction_loss: unknown kind {kind!r}; choices: l1, l2")
+
+
+def codebook_entropy_loss(affinity: Array, *, temperature: float = 0.01) -> Array:
+    """sample entropy - average entropy of p = softmax(affinity / temperature) over the codes (rows: tokens).
+
+    The LlamaGen / FQGAN entropy penalty (its weight, 0.03 there, is the caller's): low when each token is sure of
+    its code and the batch spreads over many codes. affinity [..., N] is -squared distance; the whole [T, N] matrix
+    is materialised. sample = -mean_rows(sum(p log p)), average = -sum(pbar log(pbar + 1e-5)), pbar = mean_rows(p).
+    """
+    logits = affinity.reshape(-1, affinity.shape[-1]) / temperature
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    probs = jnp.exp(log_probs)
+    avg_probs = jnp.mean(probs, axis=0)
+    avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + 1e-5))
+    sample_entropy = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
+    return sample_entropy - avg_entropy
+
+
+def _unit(x: Array) -> Array:
+    """x / max(|x|, 1e-12) along the last axis (torch's F.normalize)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def disentanglement_loss(codes: Sequence[Array]) -> Array:
+    """FQGAN's disentanglement: mean over positions of the squared cosine between two sub-codes [..., D]; with more
+    than two, the mean over all pairs (Triple). Unweighted (the release uses 0.1)."""
+    if len(codes) < 2:
+        raise ValueError(f"disentanglement_loss: needs at least two sub-codes, got {len(codes)}")
+    pairs = list(itertools.combinations([_unit(c) for c in codes], 2))
+    return sum(jnp.mean(jnp.square(jnp.sum(a * b, axis=-1))) for a, b in pairs) / len(pairs)
+
+
+def info_nce_loss(student: Array, teacher: Array, *, temperature: float = 1.0) -> Array:
+    """InfoNCE over the batch between student [B, W] and teacher [B, W] features (FQGAN's semantic loss, e.g. the
+    FeatPredHead's CLS output against the CLIP CLS): both l2-normalised, logits = s @ t.T / temperature, targets
+    the diagonal. The teacher's path is cut (stop_gradient): gradients reach the student only."""
+    if student.ndim != 2 or student.shape != teacher.shape:
+        raise ValueError(f"info_nce_loss: expected student and teacher [B, W] of one shape, got {student.shape} and "
+                         f"{teacher.shape}")
+    logits = jnp.dot(_unit(student), _unit(jax.lax.stop_gradient(teacher)).T,
+                     precision=jax.lax.Precision.HIGHEST) / temperature
+    return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
 
 
 def hinge_discriminator_loss(logits_real: Array, logits_fake: Array) -> Array:

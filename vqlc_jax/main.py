@@ -1,8 +1,10 @@
-"""Train a tokenizer or a generator from an ml_collections config file (a config with a `generator` key trains
-the generator family it names on an encoded dataset; any other trains a tokenizer).
+"""Train a tokenizer, a generator or a classifier from an ml_collections config file (a config with a `generator`
+key trains the generator family it names on an encoded dataset, one with a `classifier` section a classifier on
+token maps; any other trains a tokenizer).
 
     python -m vqlc_jax.main --config configs/demo.py --workdir /tmp/vqlc_demo [--config.total_steps=100]
     python -m vqlc_jax.main --config configs/gpt_demo.py --workdir /tmp/gpt_demo --config.data.encoded_dir=...
+    python -m vqlc_jax.main --config configs/classify_demo.py --workdir /tmp/cls_demo --config.data.encoded_dir=...
 
 Multi-host: JAX detects TPU pods and SLURM; otherwise pass --coordinator_address, --num_processes, --process_id.
 """
@@ -32,6 +34,8 @@ def main(argv):
     _START_DISTRIBUTED()
     if "generator" in _CONFIG.value:
         from vqlc_jax.train.generator import train_and_evaluate
+    elif "classifier" in _CONFIG.value:
+        from vqlc_jax.train.classifier import train_and_evaluate
     else:
         from vqlc_jax.train.trainer import train_and_evaluate
 

@@ -5,6 +5,8 @@
     images = tok.decode(tokens)                    # float32 [B, H, W, 3], roughly in [-1, 1]
     recon, tokens, aux = tok.reconstruct(images)   # aux["quant_loss"], aux["z"], ...
 
+A factorized (FQGAN, quantizer `fq`) tokenizer has `num_codebooks` k > 1 sub-codebooks: its tokens are int32
+[B, k, h, w] in the config's branch order, and `decode(tokens, codebooks=("sem",))` decodes from a subset.
 Every call is jit-compiled (one compilation per input shape) and checks its input first.
 """
 
@@ -17,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
+
 from vqlc_jax import export
 from vqlc_jax.models.vqgan import VQModel, build_vqgan
+from vqlc_jax.quantizers import FQQuantizer
 
 CONFIG_FILE = "tokenizer.json"
 VARIABLES_DIR = "variables"
@@ -45,19 +50,20 @@ class Tokenizer:
         self.model: VQModel = build_vqgan(self.config)
         self.variables = jax.tree.map(jnp.asarray, dict(variables))
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x))
-        self._tokenize = jax.jit(lambda v, x: self.model.apply(v, x, method=VQModel.tokenize))
-        self._decode = jax.jit(lambda v, i: self.model.apply(v, i, method=VQModel.decode_indices))
-        self._quantize_latents = jax.jit(lambda v, z: self.model.apply(v, z, method=VQModel.quantize_latents))
+        self._tokenize = jax.jit(lambda v, x: self.model.apply(v, x, method="tokenize"))
+        self._decode = jax.jit(lambda v, i, options: self.model.apply(v, i, *options, method="decode_indices"),
+                               static_argnums=2)
+        self._quantize_latents = jax.jit(lambda v, z: self.model.apply(v, z, method="quantize_latents"))
         self._decode_latents = jax.jit(
-            lambda v, z, quantize: self.model.apply(v, z, quantize, method=VQModel.decode_latents),
-            static_argnums=2)
+            lambda v, z, quantize: self.model.apply(v, z, quantize, method="decode_latents"), static_argnums=2)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: Mapping[str, Any], *, seed: int = 0, codebook: np.ndarray | str | None = None):
-        """A freshly initialised tokenizer; `codebook` (array or `.npy`/`.pth` path) fills the frozen `lc` codebook."""
+    def create(cls, config: Mapping[str, Any], *, seed: int = 0, codebook=None):
+        """A freshly initialised tokenizer; `codebook` (array or `.npy`/`.pth` path) fills the frozen `lc` codebook
+        ({branch: codebook} for the `lc` branches of an `fq` tokenizer)."""
         dummy = _dummy_images(config)
         variables = dict(jax.jit(build_vqgan(config).init)(jax.random.key(seed), jnp.zeros(dummy.shape)))
         if codebook is not None:
@@ -84,8 +90,39 @@ class Tokenizer:
         return 2 ** (len(self.config.ddconfig.ch_mult) - 1)
 
     @property
+    def is_factorized(self) -> bool:
+        """True for an FQGAN (`fq`) tokenizer: k sub-codebooks, tokens [B, k, h, w]."""
+        return isinstance(self.model.quantizer, FQQuantizer)
+
+    @property
+    def num_codebooks(self) -> int:
+        """k, the number of sub-codebooks (1 for a single-codebook tokenizer)."""
+        return len(self.codebook_sizes)
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """The size of each (sub-)codebook, in token order."""
+        if self.is_factorized:
+            return self.model.quantizer.codebook_sizes
+        return (int(self.config.quantizer.num_codes),)
+
+    @property
+    def codebook_names(self) -> tuple[str, ...]:
+        """The sub-codebooks' branch names (an `fq` tokenizer; () otherwise)."""
+        return self.model.quantizer.names if self.is_factorized else ()
+
+    @property
     def num_codes(self) -> int:
-        return int(self.config.quantizer.num_codes)
+        """The codebook size of a single-codebook tokenizer (an `fq` one has `codebook_sizes`)."""
+        if self.is_factorized:
+            raise ValueError(f"a factorized tokenizer has {self.num_codebooks} codebooks of sizes "
+                             f"{self.codebook_sizes}: use codebook_sizes")
+        return self.codebook_sizes[0]
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the pre-quantization latents (k * embed_dim for an `fq` tokenizer)."""
+        return int(self.config.embed_dim) * self.num_codebooks
 
     @property
     def in_channels(self) -> int:
@@ -95,15 +132,26 @@ class Tokenizer:
     # Encode / decode
     # ----------------------------------------------------------------------------------------------------------------
     def encode(self, images) -> jax.Array:
-        """Images [B, H, W, C] in [-1, 1] -> int32 tokens [B, H/f, W/f]."""
+        """Images [B, H, W, C] in [-1, 1] -> int32 tokens [B, H/f, W/f] ([B, k, H/f, W/f] when factorized)."""
         return self._tokenize(self.variables, self._check_images(images))
 
-    def decode(self, indices) -> jax.Array:
-        """int32 tokens [B, h, w] -> images [B, h*f, w*f, C]."""
-        return self._decode(self.variables, self._check_indices(indices))
+    def decode(self, indices, *, codebooks=None, fill: str = "mean") -> jax.Array:
+        """int32 tokens [B, h, w] ([B, k, h, w] when factorized) -> images [B, h*f, w*f, C].
+
+        Factorized only: `codebooks` (branch names or positions) decodes from those sub-codebooks alone; the codes
+        of the others are replaced by their codebook's mean (`fill='mean'`: the expected code under uniform use) or
+        by zeros (`fill='zero'`), and their tokens are ignored (any value in range)."""
+        indices = self._check_indices(indices)
+        if not self.is_factorized:
+            if codebooks is not None or fill != "mean":
+                raise ValueError("decode: `codebooks` and `fill` need a factorized (fq) tokenizer; this one has one "
+                                 "codebook")
+            return self._decode(self.variables, indices, ())
+        keep = None if codebooks is None else self._keep_flags(codebooks)
+        return self._decode(self.variables, indices, (keep, fill))
 
     def quantize_latents(self, latents) -> jax.Array:
-        """Pre-quantization latents [B, h, w, D'] -> int32 tokens [B, h, w] (nearest codes)."""
+        """Pre-quantization latents [B, h, w, latent_dim] -> int32 tokens as `encode` gives them (nearest codes)."""
         return self._quantize_latents(self.variables, self._check_latents(latents))
 
     def decode_latents(self, latents, *, quantize: bool = True) -> jax.Array:
@@ -158,42 +206,61 @@ class Tokenizer:
             raise ValueError(f"images: values span [{lo:g}, {hi:g}], far outside [-1, 1] (rescale the input)")
         return images
 
+    def _keep_flags(self, codebooks) -> tuple[bool, ...]:
+        names = self.codebook_names
+        if isinstance(codebooks, (str, int)):
+            codebooks = [codebooks]
+        chosen = {names.index(c) if c in names else c for c in codebooks}
+        bad = sorted(str(c) for c in chosen if not (isinstance(c, int) and 0 <= c < len(names)))
+        if bad or not chosen:
+            raise ValueError(f"decode: codebooks {list(codebooks)} must be a non-empty choice of the names {names} "
+                             f"or positions 0..{len(names) - 1}; unknown: {bad}")
+        return tuple(i in chosen for i in range(len(names)))
+
     def _check_latents(self, latents) -> jax.Array:
-        shape, d = tuple(np.shape(latents)), int(self.config.embed_dim)
+        shape, d = tuple(np.shape(latents)), self.latent_dim
         if len(shape) != 4 or shape[-1] != d:
-            raise ValueError(f"latents: expected [B, h, w, {d}] (embed_dim={d}), got shape {shape}")
+            raise ValueError(f"latents: expected [B, h, w, {d}] ({self.num_codebooks} x embed_dim "
+                             f"{self.config.embed_dim}), got shape {shape}")
         latents = jnp.asarray(latents, jnp.float32)
         if not bool(jnp.isfinite(latents).all()):
             raise ValueError("latents: contain NaN or Inf")
         return latents
 
     def _check_indices(self, indices) -> jax.Array:
-        shape = tuple(np.shape(indices))
-        if len(shape) != 3:
-            raise ValueError(f"indices: expected [B, h, w], got shape {shape}")
+        shape, k = tuple(np.shape(indices)), self.num_codebooks
+        layout = f"[B, {k}, h, w]" if self.is_factorized else "[B, h, w]"
+        if len(shape) != (4 if self.is_factorized else 3) or (self.is_factorized and shape[1] != k):
+            raise ValueError(f"indices: expected {layout}, got shape {shape}")
         dtype = np.dtype(getattr(indices, "dtype", np.asarray(indices).dtype))
         if not np.issubdtype(dtype, np.integer):
             raise ValueError(f"indices: expected integers, got dtype {dtype}")
         indices = jnp.asarray(indices, jnp.int32)
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= self.num_codes:
-            raise ValueError(f"indices: values span [{lo}, {hi}], outside [0, {self.num_codes - 1}]")
+        per_codebook = indices.reshape(shape[0], k, -1) if self.is_factorized else indices.reshape(shape[0], 1, -1)
+        for i, size in enumerate(self.codebook_sizes):
+            lo, hi = int(per_codebook[:, i].min()), int(per_codebook[:, i].max())
+            if lo < 0 or hi >= size:
+                where = f" of sub-codebook {i} ({self.codebook_names[i]})" if self.is_factorized else ""
+                raise ValueError(f"indices: values{where} span [{lo}, {hi}], outside [0, {size - 1}]")
         return indices
 
 
-def _with_codebook(variables: dict, codebook: np.ndarray | str) -> dict:
-    """`variables` with the frozen `lc` codebook replaced by `codebook` (an array or a `.npy`/`.pth` file)."""
+def _with_codebook(variables: dict, codebook) -> dict:
+    """`variables` with the frozen `lc` codebook replaced by `codebook` (an array or a `.npy`/`.pth` file); for an
+    `fq` tokenizer a mapping {branch: codebook} fills those `lc` branches. Each is checked against its shape."""
     from vqlc_jax.quantizers import load_codebook
 
     collection, module, name = LC_CODEBOOK_PATH
-    current = variables.get(collection, {}).get(module, {}).get(name)
-    if current is None:
-        raise ValueError("codebook given, but the quantizer has no frozen codebook (only `lc` has one)")
-    if isinstance(codebook, (str, pathlib.Path)):
-        codebook = load_codebook(codebook, expected_dim=current.shape[1])
-    codebook = np.asarray(codebook, np.float32)
-    if codebook.shape != tuple(current.shape):
-        raise ValueError(f"codebook: shape {codebook.shape}, the quantizer expects {tuple(current.shape)}")
-    out = dict(variables)
-    out[collection] = {**variables[collection], module: {**variables[collection][module], name: jnp.asarray(codebook)}}
-    return out
+    flat = traverse_util.flatten_dict(dict(variables))
+    for branch, value in codebook.items() if isinstance(codebook, Mapping) else [(None, codebook)]:
+        key = (collection, module, *([branch] if branch is not None else []), name)
+        if key not in flat:
+            raise ValueError(f"codebook given for {'/'.join(key[1:-1])}, but it has no frozen codebook (only `lc` "
+                             "has one)")
+        if isinstance(value, (str, pathlib.Path)):
+            value = load_codebook(value, expected_dim=flat[key].shape[1])
+        value = np.asarray(value, np.float32)
+        if value.shape != tuple(flat[key].shape):
+            raise ValueError(f"codebook: shape {value.shape}, the quantizer expects {tuple(flat[key].shape)}")
+        flat[key] = jnp.asarray(value)
+    return traverse_util.unflatten_dict(flat)

@@ -4,6 +4,8 @@
                                       [--per window] [--ceiling [LABEL=]0.909 ...] [--ceiling-from SWEEP.json]
     python -m vqlc_jax.analysis heatmap --counts WORKDIR/epoch_code_counts.npy --output OUT [--sort]
     python -m vqlc_jax.analysis tsne --tokenizer WORKDIR/tokenizer --counts WORKDIR/eval_code_counts.npy --output OUT
+    python -m vqlc_jax.analysis subsets --tokenizer WORKDIR/tokenizer --config configs/eval/demo.py --output OUT
+                                        [--fill mean|zero] [--max-images 64] [--grid-images 8]
     python -m vqlc_jax.analysis replace --tokenizer WORKDIR/tokenizer --config configs/eval/demo.py --output OUT
                                         [--ranks 1,50,100,1000] [--max-images 64]
     python -m vqlc_jax.analysis sweep --config configs/sweeps/codebook_size.py[:imagenet] --workdir DIR
@@ -115,10 +117,12 @@ def tsne_cmd(args: argparse.Namespace) -> None:
     from vqlc_jax.analysis import plots, report, tsne, usage
 
     tok = Tokenizer.load(args.tokenizer)
-    counts = usage.load_counts(args.counts, tok.num_codes)
+    num_codes = sum(tok.codebook_sizes)
+    counts = usage.load_counts(args.counts, num_codes)
     result = tsne.tsne_codes(tsne.projected_codebook(tok), counts, sample=args.sample, seed=args.seed,
-                             perplexity=args.perplexity)
-    summary = result.summary(tok.num_codes)
+                             perplexity=args.perplexity, groups=tsne.codebook_groups(tok),
+                             group_names=tok.codebook_names)
+    summary = result.summary(num_codes)
     data = {"tokenizer": str(args.tokenizer), "counts": str(args.counts), "seed": args.seed, **summary,
             "indices": result.indices, "points": result.points, "active": result.active}
     report.write_report(args.output, "tsne", data, "## t-SNE sample of the projected codebook\n\n"
@@ -126,14 +130,40 @@ def tsne_cmd(args: argparse.Namespace) -> None:
     plots.plot_tsne(result, args.output / "tsne.png")
 
 
-def replace_cmd(args: argparse.Namespace) -> None:
-    from vqlc_jax import Tokenizer
-    from vqlc_jax.analysis import plots, replacement, report
+def _eval_config(args: argparse.Namespace):
+    """The evaluation config of `--config`, with `--max-images` applied."""
     from vqlc_jax.analysis.sweeps import load_config_file
 
     config = load_config_file(args.config)
     if args.max_images is not None:
         config.data.eval_max_images = args.max_images
+    return config
+
+
+def subsets_cmd(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from vqlc_jax import Tokenizer
+    from vqlc_jax.analysis import replacement, report, subsets
+
+    config = _eval_config(args)
+    tok = Tokenizer.load(args.tokenizer)
+    if not tok.is_factorized:
+        raise SystemExit(f"subsets: {args.tokenizer} has one codebook; the tool needs a factorized (fq) tokenizer")
+    rows, grid = subsets.subset_reconstructions(tok, replacement.eval_batches(config.data, config.batch_size),
+                                                fill=args.fill, grid_images=args.grid_images)
+    data = {"tokenizer": str(args.tokenizer), "data": config.data.to_dict(), "fill": args.fill, "rows": rows}
+    report.write_report(args.output, "subsets", data, f"## decoding from sub-codebooks (others: {args.fill})\n\n"
+                        + report.markdown_table(["codebooks", "PSNR", "SSIM"],
+                                                [[r["codebooks"], r["psnr"], r["ssim"]] for r in rows]))
+    Image.fromarray(grid).save(args.output / "subsets.png")
+
+
+def replace_cmd(args: argparse.Namespace) -> None:
+    from vqlc_jax import Tokenizer
+    from vqlc_jax.analysis import plots, replacement, report
+
+    config = _eval_config(args)
     tok = Tokenizer.load(args.tokenizer)
     rows = replacement.token_replacement(tok, replacement.eval_batches(config.data, config.batch_size), args.ranks,
                                          chunk_size=args.chunk_size)
@@ -244,7 +274,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--chunk-size", type=int, default=16384, help="codes per chunk of the neighbour search")
     r.set_defaults(fn=replace_cmd)
 
-    for tool in (c, h, t, r):
+    u = sub.add_parser("subsets", help="a factorized tokenizer decoded from each sub-codebook alone (FQGAN Fig. 3)")
+    u.add_argument("--tokenizer", type=pathlib.Path, required=True)
+    u.add_argument("--config", required=True, help="evaluation config (configs/eval/*.py[:variant]): data, batch")
+    u.add_argument("--fill", choices=("mean", "zero"), default="mean",
+                   help="codes of the left-out sub-codebooks: their codebook's mean, or zeros")
+    u.add_argument("--max-images", type=int, default=None, help="overrides data.eval_max_images")
+    u.add_argument("--grid-images", type=int, default=8, help="images per row of subsets.png")
+    u.set_defaults(fn=subsets_cmd)
+
+    for tool in (c, h, t, r, u):
         tool.add_argument("--output", type=pathlib.Path, required=True, help="folder for the PNG, JSON and Markdown")
 
     s = sub.add_parser("sweep", help="train and evaluate a sweep config's runs, then tabulate them (Tables 6-10)")

@@ -83,11 +83,19 @@ def plot_heatmap(grid: np.ndarray, path: str | pathlib.Path, *, title: str = "")
 
 
 def plot_tsne(result: TSNEResult, path: str | pathlib.Path) -> pathlib.Path:
-    """The sampled codes' t-SNE embedding, active and inactive codes in two colours (Figure 4)."""
+    """The sampled codes' t-SNE embedding, active and inactive codes in two colours (Figure 4); with sub-codebooks,
+    one colour per sub-codebook, inactive codes as crosses."""
     fig = _figure(5, 5)
     ax = fig.subplots()
-    for mask, colour, label in ((~result.active, "tab:red", "inactive"), (result.active, "tab:blue", "active")):
-        ax.scatter(result.points[mask, 0], result.points[mask, 1], s=4, c=colour,
+    if result.groups is None:
+        layers = [(~result.active, "tab:red", "o", "inactive"), (result.active, "tab:blue", "o", "active")]
+    else:
+        colours = [f"C{i}" for i in range(len(result.group_names))]
+        layers = [(mask & (result.groups == i), colours[i], marker, f"{name} {label}")
+                  for i, name in enumerate(result.group_names)
+                  for mask, marker, label in ((result.active, "o", "active"), (~result.active, "x", "inactive"))]
+    for mask, colour, marker, label in layers:
+        ax.scatter(result.points[mask, 0], result.points[mask, 1], s=4, c=colour, marker=marker,
                    label=f"{label} ({int(mask.sum())})")
     ax.legend(markerscale=3)
     ax.set_axis_off()

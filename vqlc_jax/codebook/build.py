@@ -142,8 +142,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: 
     return cluster(config, workdir)
 
 
-def cli(stage: str | None = None) -> None:
-    """The command line of this module, and (stage fixed to "extract") of `vqlc_jax.codebook.extract`."""
+def cli() -> None:
+    """The command line of this module."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -152,7 +152,7 @@ def cli(stage: str | None = None) -> None:
     config = config_flags.DEFINE_config_file("config", None, "Codebook config file (configs/codebook/*.py[:variant]).",
                                              lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Directory for the features, k-means checkpoints and codebook.")
-    stage_flag = None if stage else flags.DEFINE_enum("stage", "all", STAGES, "Which part of the job to run.")
+    stage = flags.DEFINE_enum("stage", "all", STAGES, "Which part of the job to run.")
     start_distributed = parallel.define_distributed_flags()
     flags.mark_flags_as_required(["config", "workdir"])
 
@@ -160,7 +160,7 @@ def cli(stage: str | None = None) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         start_distributed()
-        result = build(config.value, workdir.value, stage or stage_flag.value)
+        result = build(config.value, workdir.value, stage.value)
         logging.info("Finished: %s", {k: result[k] for k in SUMMARY_KEYS if k in result})
 
     app.run(main)

@@ -133,6 +133,18 @@ def load_vision_params(folder: Path, template: Mapping, *, with_projection: bool
     return load_params(folder, template, lambda key: checkpoint_key_to_path(key, with_projection=with_projection))
 
 
+def load_vision_tower(path_or_hub_id: str | os.PathLike, *,
+                      with_projection: bool = True) -> tuple[Path, CLIPVisionSettings, dict]:
+    """(folder, settings, params) of the vision tower in a Hugging Face CLIP folder (errors: see
+    `CLIPFeatureExtractor.from_pretrained`); `CLIPVisionTower(settings, with_projection)` applies the params."""
+    folder = resolve_checkpoint(path_or_hub_id)
+    config = read_vision_config(folder)
+    module = CLIPVisionTower(config, with_projection=with_projection)
+    side = config.image_size
+    template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, side, side, config.num_channels)))
+    return folder, config, load_vision_params(folder, template, with_projection=with_projection)
+
+
 # ----------------------------------------------------------------------------------------------- features
 def pool_patches(features: jax.Array, pool: int) -> jax.Array:
     """[B, g*g, C] row-major patch grid -> [B, (g/pool)^2, C]: `pool` x `pool` average pooling, row-major."""
@@ -199,12 +211,7 @@ class CLIPFeatureExtractor:
         Raises FileNotFoundError for a missing folder/config/weights and `CheckpointMismatchError` (naming the file
         and every unknown, missing or mis-shaped key) when the weights do not fit the config.
         """
-        folder = resolve_checkpoint(path_or_hub_id)
-        config = read_vision_config(folder)
-        module = CLIPVisionTower(config, with_projection=apply_projection)
-        side = config.image_size
-        template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, side, side, config.num_channels)))
-        params = load_vision_params(folder, template, with_projection=apply_projection)
+        folder, config, params = load_vision_tower(path_or_hub_id, with_projection=apply_projection)
         return cls(
             config,
             params,

@@ -1,6 +1,6 @@
 """Pooled patch features of a dataset split, in fixed-size .npy shards: the first stage of the codebook job.
 
-    python -m vqlc_jax.codebook.extract --config configs/codebook/<name>.py --workdir DIR
+    python -m vqlc_jax.codebook.build --stage extract --config configs/codebook/<name>.py --workdir DIR
 
 Writes `DIR/features/`: `features-SSSSS-of-NNNNN.npy` [rows, D] (float16 by default), `labels-...npy` [rows] int32
 (the image's class, one per row) and `manifest.json`. Shard s holds the pooled vectors (row-major, P' per image)
@@ -49,7 +49,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FEATURE_DTYPES = ("float16", "float32")  # what np.load reads back without ml_dtypes
 # The sharded job: its files per shard, and the manifest keys that must agree with the config resuming into it.
 JOB = shards_lib.ShardJob(
-    name="extraction", shard="feature", command="python -m vqlc_jax.codebook.extract --config ... --workdir ...",
+    name="extraction", shard="feature", command="python -m vqlc_jax.codebook.build --stage extract --config ... --workdir ...",
     files=("features", "labels"),
     run_keys=("format", "extractor", "dataset", "vectors_per_image", "dim", "dtype", "images_per_shard",
               "num_shards"))
@@ -200,9 +200,3 @@ def _write_shard(directory: pathlib.Path, index: int, count: int, arrays: dict[s
     return {"rows": len(features) * vectors, **shards_lib.save_shard_arrays(directory, index, count, {
         "features": features.reshape(-1, features.shape[-1]),
         "labels": np.repeat(arrays["label"].astype(np.int32), vectors)})}
-
-
-if __name__ == "__main__":
-    from vqlc_jax.codebook.build import cli
-
-    cli(stage="extract")

@@ -4,7 +4,8 @@ deterministic, resumable, process-sharded batches that generator trainers read f
     dataset = open_encoded("encoded_dir")            # checks the manifest, the files and every token's range
     for batch in make_encoded_pipeline(dataset, global_batch_size=256, seed=0, train=True, start_step=step,
                                        process_index=jax.process_index(), process_count=jax.process_count()):
-        ...  # batch.tokens [B, h, w] int32, batch.label [B] int32, batch.latents (with fields=(..., "latents"))
+        ...  # batch.tokens int32 [B, h, w] ([B, k, h, w] for k sub-codebooks), batch.label [B] int32,
+             # batch.latents (with fields=(..., "latents"))
 
 Batches follow exactly the image pipeline's rules (`vqlc_jax.data.pipeline.BatchOrder`): a batch is a pure function
 of (dataset, seed, step, process), so a pipeline started at `start_step` yields what an uninterrupted one yields from
@@ -69,6 +70,16 @@ class EncodedDataset:
         return int(self.manifest["tokenizer"]["num_codes"])
 
     @property
+    def num_codebooks(self) -> int:
+        """Sub-codebooks of the encoding tokenizer (FQGAN: 2 or 3; token maps [k, h, w]); 1: maps [h, w]."""
+        return int(self.manifest["tokenizer"].get("num_codebooks", 1))
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """The size of each sub-codebook ((num_codes,) for a single codebook)."""
+        return tuple(int(n) for n in self.manifest["tokenizer"].get("codebook_sizes", [self.num_codes]))
+
+    @property
     def num_classes(self) -> int:
         return int(self.manifest["dataset"]["num_classes"])
 
@@ -122,7 +133,7 @@ def open_encoded(directory: str | os.PathLike) -> EncodedDataset:
     if not entries:
         raise ValueError(f"the encoded dataset in {directory} holds no images (all {manifest['skipped']} were "
                          f"unreadable)")
-    num_codes = int(manifest["tokenizer"]["num_codes"])
+    sizes = _codebook_sizes(directory, manifest)
     row_shapes = {"tokens": tuple(manifest["token_shape"]), "latents": tuple(manifest["latent_shape"]), "labels": ()}
     shards: dict[str, list[np.ndarray]] = {name: [] for name in job.files}
     for entry in entries:
@@ -134,27 +145,44 @@ def open_encoded(directory: str | os.PathLike) -> EncodedDataset:
             if array.shape != want:
                 raise ValueError(f"encoded shard {path}: shape {array.shape}, the manifest says {want}")
             if name.startswith("tokens"):
-                _check_token_range(path, array, num_codes)
+                _check_token_range(path, array, sizes)
             shards[name].append(array)
     labels = np.concatenate([np.asarray(a, np.int32) for a in shards.pop("labels")])
     offsets = np.cumsum([0] + [len(a) for a in shards["tokens"]])
     return EncodedDataset(directory, manifest, labels, shards, offsets)
 
 
-def _check_token_range(path: pathlib.Path, tokens: np.ndarray, num_codes: int) -> None:
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= num_codes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"token shard {path} holds the index {bad}, outside [0, {num_codes}) (num_codes of the "
-                         f"encoding tokenizer): the shard is corrupt or was written by another tokenizer")
+def _codebook_sizes(directory: pathlib.Path, manifest: dict) -> tuple[int, ...]:
+    """Sub-codebook sizes of the manifest, checked against its token shape ([h, w] for one, [k, h, w] for k)."""
+    info = manifest["tokenizer"]
+    sizes = tuple(int(n) for n in info.get("codebook_sizes", [info["num_codes"]]))
+    shape = list(manifest["token_shape"])
+    if len(sizes) != int(info.get("num_codebooks", 1)) or len(shape) != (2 if len(sizes) == 1 else 3) or (
+            len(sizes) > 1 and shape[0] != len(sizes)):
+        raise ValueError(f"{directory / shards_lib.MANIFEST_NAME}: token_shape {shape} does not fit the "
+                         f"tokenizer's {info.get('num_codebooks', 1)} sub-codebook(s) of sizes {list(sizes)}")
+    return sizes
+
+
+def _check_token_range(path: pathlib.Path, tokens: np.ndarray, sizes: tuple[int, ...]) -> None:
+    """Every token of sub-codebook j (axis 1 of [n, k, h, w] shards; the whole [n, h, w] shard for one) in
+    [0, sizes[j])."""
+    for j, size in enumerate(sizes):
+        part = tokens if len(sizes) == 1 else tokens[:, j]
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= size:
+            which = "" if len(sizes) == 1 else f" of sub-codebook {j + 1} of {len(sizes)}"
+            raise ValueError(f"token shard {path} holds the index {lo if lo < 0 else hi}{which}, outside [0, {size}) "
+                             "(the encoding tokenizer's codebook size): the shard is corrupt or was written by "
+                             "another tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodedBatch:
-    """This process's share of global batch `step`: `tokens` int32 [B, h, w], `latents` float32 [B, h, w, D'],
-    `label` int32 [B] (None when not among the pipeline's fields), `index` int64 [B] (image index), `flipped`
-    bool [B], `mask` bool [B] (False on the padding of an evaluation pass); `end_of_epoch` marks the last batch of
-    `epoch`."""
+    """This process's share of global batch `step`: `tokens` int32 [B, h, w] ([B, k, h, w] for k sub-codebooks),
+    `latents` float32 [B, h, w, D'], `label` int32 [B] (None when not among the pipeline's fields), `index` int64
+    [B] (image index), `flipped` bool [B], `mask` bool [B] (False on the padding of an evaluation pass);
+    `end_of_epoch` marks the last batch of `epoch`."""
 
     step: int
     epoch: int

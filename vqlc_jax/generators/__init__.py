@@ -15,8 +15,8 @@ OFFICIAL_LOADERS: dict[str, str | None] = {
     "dit": "vqlc_jax.convert.official_dit:load_official_dit",
     "sit": "vqlc_jax.convert.official_dit:load_official_sit",
     "ldm": "vqlc_jax.convert.official_ldm:load_official_ldm",
-    "fqgan": None,
-    "far": None,
+    "fqgan": "vqlc_jax.convert.official_fqgan:load_official_fqgan",
+    "far": "vqlc_jax.convert.official_far:load_official_far",
     "vit": "vqlc_jax.convert.mae_weights:load_official_vit",
 }
 

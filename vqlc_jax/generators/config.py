@@ -62,6 +62,28 @@ def _gpt_sections(c: ml_collections.ConfigDict) -> None:
         temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, grid_classes=8, grid_per_class=8, use_ema=True))
 
 
+def _far_sections(c: ml_collections.ConfigDict) -> None:
+    """FQGAN's FAR-B recipe (`train_far_dual.sh`): batch 256, 300 epochs, AdamW lr 1e-4 constant, (0.9, 0.95),
+    weight decay 0.05, clipping 1.0, dropout 0.1 (tokens, residuals, FFN), labels dropped 10% of the time; sampling
+    with guidance 2.0 on every sub-token, top-k off, top-p 1, temperature 1 (`eval_far.sh`). The release trains
+    without EMA by default; here the EMA weights sample (`sample.use_ema = False` samples the raw ones)."""
+    c.global_batch_size = 256
+    c.total_steps = 300 * (IMAGENET_TRAIN_IMAGES // c.global_batch_size)
+    c.optimizer.update(lr=1e-4, decay="constant", weight_decay=0.05)
+    c.data.use_flips = True  # the release trains on flipped (and ten-crop) codes
+    c.model = ml_collections.ConfigDict(dict(
+        num_layers=24, num_heads=16, width=1024, head_layers=3, dropout=0.1, zero_head=True, dtype="float32",
+        remat=False,
+        # 0 / (): read off the encoded dataset (token maps [k, h, w]); stated values must match it.
+        num_codebooks=0, codebook_sizes=(), num_classes=0))
+    c.loss = ml_collections.ConfigDict(dict(class_dropout=0.1, label_smoothing=0.0, chunk_size=16_384))
+    # top_k = 0: off (the release); cfg_schedule "constant" or "linear" (1 at the first position, cfg_scale at the
+    # last).
+    c.sample = ml_collections.ConfigDict(dict(
+        temperature=1.0, top_k=0, top_p=1.0, cfg_scale=2.0, cfg_schedule="constant", grid_classes=8,
+        grid_per_class=8, use_ema=True))
+
+
 def _dit_sections(c: ml_collections.ConfigDict) -> None:
     c.global_batch_size = 256
     c.total_steps = 400_000
@@ -101,7 +123,8 @@ def _ldm_sections(c: ml_collections.ConfigDict) -> None:
         grid_per_class=8, use_ema=True))
 
 
-FAMILY_SECTIONS = {"gpt": _gpt_sections, "dit": _dit_sections, "sit": _sit_sections, "ldm": _ldm_sections}
+FAMILY_SECTIONS = {"gpt": _gpt_sections, "far": _far_sections, "dit": _dit_sections, "sit": _sit_sections,
+                   "ldm": _ldm_sections}
 
 
 def latent_demo_config(family: str, arg: str | None, file: str) -> ml_collections.ConfigDict:
@@ -153,6 +176,20 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None, file: str) -> m
     return c
 
 
+def far_imagenet_config(size: str, arg: str | None, file: str) -> ml_collections.ConfigDict:
+    """FAR-B (24 layers x 1024, 16 heads, head 3 layers) or FAR-L (36 x 1280, 20 heads, head 4 layers) on FQGAN-Dual
+    ImageNet token maps (16,384 visual + 16,384 semantic codes, 1,000 classes); variant `:triple` on FQGAN-Triple's
+    three sub-codebooks of 16,384."""
+    c = base_config("far")
+    if size == "L":
+        c.model.update(num_layers=36, num_heads=20, width=1280, head_layers=4)
+    k = {None: 2, "triple": 3}.get(arg)
+    if k is None:
+        raise ValueError(f"{file}: unknown variant {arg!r} (choices: triple)")
+    c.model.update(num_codebooks=k, codebook_sizes=(16_384,) * k, num_classes=1_000, remat=True)
+    return c
+
+
 def _require(ok: bool, key: str, value, why: str) -> None:
     if not ok:
         raise ValueError(f"config.{key}={value!r}: {why}")
@@ -173,7 +210,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0 (0: no clipping)")
     _require(0 <= c.ema.decay < 1, "ema.decay", c.ema.decay, "must lie in [0, 1)")
     _require(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"choices: {', '.join(DTYPES)}")
-    (_validate_gpt if c.generator == "gpt" else _validate_latent)(c)
+    {"gpt": _validate_gpt, "far": _validate_far}.get(c.generator, _validate_latent)(c)
     _require(c.eval.resize in ("clean", "legacy"), "eval.resize", c.eval.resize, "choices: clean, legacy")
 
 
@@ -194,6 +231,31 @@ def _validate_gpt(c: ml_collections.ConfigDict) -> None:
     _require(0 < s.top_p <= 1, "sample.top_p", s.top_p, "must lie in (0, 1]")
     _require(s.cfg_scale == 1.0 or m.null_class, "sample.cfg_scale", s.cfg_scale,
              "guidance needs the null class: set model.null_class=True (and train with loss.class_dropout > 0)")
+
+
+def _validate_far(c: ml_collections.ConfigDict) -> None:
+    from vqlc_jax.generators.sampling import CFG_SCHEDULES
+
+    m, s = c.model, c.sample
+    for key in ("num_layers", "num_heads", "width", "head_layers"):
+        _require(m[key] > 0, f"model.{key}", m[key], "must be positive")
+    _require(m.width % (4 * m.num_heads) == 0, "model.width", m.width,
+             f"must be a multiple of 4 * num_heads={m.num_heads} (2-D RoPE needs a head dim divisible by 4)")
+    _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "must lie in [0, 1)")
+    _require(m.num_codebooks >= 0, "model.num_codebooks", m.num_codebooks, "must be >= 0 (0: read off the data)")
+    _require(not m.codebook_sizes or (min(m.codebook_sizes) > 0 and len(m.codebook_sizes) == (
+        m.num_codebooks or len(m.codebook_sizes))), "model.codebook_sizes", tuple(m.codebook_sizes),
+        f"must be () or num_codebooks={m.num_codebooks} positive sizes")
+    _require(0 <= c.loss.class_dropout < 1, "loss.class_dropout", c.loss.class_dropout, "must lie in [0, 1)")
+    _require(0 <= c.loss.label_smoothing < 1, "loss.label_smoothing", c.loss.label_smoothing, "must lie in [0, 1)")
+    _require(c.loss.chunk_size > 0, "loss.chunk_size", c.loss.chunk_size, "must be positive")
+    _require(s.temperature > 0, "sample.temperature", s.temperature, "must be positive")
+    _require(s.top_k >= 0, "sample.top_k", s.top_k, "must be >= 0 (0: off)")
+    _require(0 < s.top_p <= 1, "sample.top_p", s.top_p, "must lie in (0, 1]")
+    _require(s.cfg_schedule in CFG_SCHEDULES, "sample.cfg_schedule", s.cfg_schedule,
+             f"choices: {', '.join(CFG_SCHEDULES)}")
+    _require(s.cfg_scale == 1.0 or c.loss.class_dropout > 0, "sample.cfg_scale", s.cfg_scale,
+             "guidance needs a trained null class: train with loss.class_dropout > 0")
 
 
 def _validate_latent(c: ml_collections.ConfigDict) -> None:

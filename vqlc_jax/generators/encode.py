@@ -3,11 +3,13 @@
     python -m vqlc_jax.generators.encode --tokenizer DIR --config configs/encode/<name>.py --workdir OUT
 
 Writes into OUT, per shard of `encode.images_per_shard` source images (split order, unreadable images left out and
-counted): `tokens-SSSSS-of-NNNNN.npy` int32 [n, h, w], `latents-...` float16 [n, h, w, D'] (`quant_conv(encoder(x))`,
+counted): `tokens-SSSSS-of-NNNNN.npy` int32 [n, h, w] ([n, k, h, w] for a tokenizer of k sub-codebooks, e.g.
+FQGAN's visual and semantic ones), `latents-...` float16 [n, h, w, D'] (`quant_conv(encoder(x))`,
 what LDM, DiT and SiT diffuse), `labels-...` int32 [n] and, with `encode.flip`, `tokens_flip-...` and
-`latents_flip-...` of the horizontally flipped images. `manifest.json` holds the tokenizer (directory, num_codes,
-embed_dim, downsample factor, resolution, quantizer, its whole config and a digest of its weights), the split
-(with num_classes), the shapes, the shards (files with size and sha256) and, once complete, the per-channel latent
+`latents_flip-...` of the horizontally flipped images. `manifest.json` holds the tokenizer (directory, num_codes
+(the largest sub-codebook's), num_codebooks, codebook_sizes, embed_dim (the latents' channels, k * D' for FQGAN),
+downsample factor, resolution, quantizer, its whole config and a digest of its weights), the split (with
+num_classes), the shapes, the shards (files with size and sha256) and, once complete, the per-channel latent
 `latent_mean` / `latent_std` over every written latent (flips included), accumulated in float64 per shard and
 combined. `vqlc_jax.data.encoded.open_encoded(OUT)` reads it for the generator trainers.
 
@@ -73,7 +75,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
     """What the manifest records of a tokenizer's configuration."""
     config = tokenizer.config.to_dict()
-    return {"num_codes": tokenizer.num_codes, "embed_dim": int(config["embed_dim"]),
+    sizes = [int(n) for n in tokenizer.codebook_sizes]  # one per sub-codebook (FQGAN), in token order
+    return {"num_codes": max(sizes), "num_codebooks": len(sizes), "codebook_sizes": sizes,
+            "embed_dim": tokenizer.latent_dim,
             "downsample": tokenizer.downsample_factor, "resolution": int(config["ddconfig"].get("resolution", 256)),
             "quantizer": config["quantizer"]["name"], "config": config}
 
@@ -101,7 +105,7 @@ def check_tokenizer(info: dict[str, Any], directory: pathlib.Path, resolution: i
 
 
 def _tokens_and_latents(model: VQModel, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(token indices [B, h, w], pre-quantization latents [B, h, w, D'])."""
+    """(token indices [B, h, w] or [B, k, h, w] (FQGAN), pre-quantization latents [B, h, w, D'])."""
     z = model.encode(images)
     return model.quantizer(z)[1], z
 
@@ -135,7 +139,7 @@ def _run_header(config: ml_collections.ConfigDict, tokenizer: Tokenizer, directo
         "dataset": shards_lib.dataset_info(d, source),
         "preprocessing": shards_lib.PREPROCESSING,
         "flip": bool(e.flip),
-        "token_shape": [side, side],
+        "token_shape": [side, side] if info["num_codebooks"] == 1 else [info["num_codebooks"], side, side],
         "latent_shape": [side, side, info["embed_dim"]],
         "latent_dtype": LATENT_DTYPE,
         "images_per_shard": e.images_per_shard,

@@ -24,7 +24,7 @@ import json
 import pathlib
 import platform
 import zipfile
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +100,30 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)]) if len(x) < rows else x
 
 
+def codebook_sizes(num_codes: int | Sequence[int] | None) -> tuple[int, ...]:
+    """`num_codes` as sub-codebook sizes: (N,) for one codebook, (N_1, .., N_k) for k; () for None."""
+    if num_codes is None:
+        return ()
+    return (int(num_codes),) if np.ndim(num_codes) == 0 else tuple(int(n) for n in num_codes)
+
+
+def _joint_ids(batch: int, tokens: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """Token maps ([B, h, w], or [B, k, h, w] for k sub-codebooks) as ids into the k codebooks laid end to end;
+    raises naming the batch (and the sub-codebook) when a value is outside its codebook."""
+    parts = [tokens] if len(sizes) == 1 else [tokens[:, j] for j in range(len(sizes))]
+    if len(sizes) > 1 and (tokens.ndim < 2 or tokens.shape[1] != len(sizes)):
+        raise ValueError(f"batch {batch}: token maps {tokens.shape}, expected [B, {len(sizes)}, h, w]")
+    for j, (part, size) in enumerate(zip(parts, sizes)):
+        if part.size and (part.min() < 0 or part.max() >= size):
+            which = "" if len(sizes) == 1 else f" of sub-codebook {j + 1}"
+            raise ValueError(f"batch {batch}: token values{which} span [{part.min()}, {part.max()}], outside the "
+                             f"codebook [0, {size})")
+    return np.stack([part + offset for part, offset in zip(parts, np.cumsum((0,) + sizes[:-1]))], 1) \
+        if len(sizes) > 1 else tokens
+
+
 def _stream(batches: Iterable[Batch], *, fid: tuple[Any, Any] | None, resize: str, mesh: jax.sharding.Mesh | None,
-            keep_features: bool, with_logits: bool, num_codes: int | None) -> _Stream:
+            keep_features: bool, with_logits: bool, num_codes: int | Sequence[int] | None) -> _Stream:
     """One pass over (images, tokens) batches; Inception outputs only when `fid` is given, counts only with
     `num_codes`. Every batch is padded to the size of the largest first batch over processes (rounded up to the
     local devices), so all processes run the same global shapes when each passes the same number of batches."""
@@ -109,7 +131,8 @@ def _stream(batches: Iterable[Batch], *, fid: tuple[Any, Any] | None, resize: st
         raise ValueError(f"resize={resize!r}: choose one of {', '.join(RESIZES)}")
     stats = metrics.FeatureStats.zeros(FEATURE_DIM) if fid else None
     features, logits = [], []
-    counts = np.zeros(num_codes, np.int64) if num_codes else None
+    sizes = codebook_sizes(num_codes)
+    counts = np.zeros(sum(sizes), np.int64) if num_codes else None
     mesh = mesh or parallel.make_mesh()
     apply = _features_fn(fid, resize, mesh, with_logits) if fid else None
     n, rows = 0, None
@@ -121,10 +144,7 @@ def _stream(batches: Iterable[Batch], *, fid: tuple[Any, Any] | None, resize: st
             tokens = np.asarray(tokens)
             if len(tokens) != size:
                 raise ValueError(f"batch {i}: {len(tokens)} token maps for {size} images")
-            if tokens.size and (tokens.min() < 0 or tokens.max() >= num_codes):
-                raise ValueError(f"batch {i}: token values span [{tokens.min()}, {tokens.max()}], outside the "
-                                 f"codebook [0, {num_codes})")
-            counts += np.asarray(code_counts(tokens, num_codes), np.int64)
+            counts += np.asarray(code_counts(_joint_ids(i, tokens, sizes), len(counts)), np.int64)
         n += size
         if apply is None:
             continue
@@ -193,14 +213,15 @@ def _missing_inputs(fid: tuple[Any, Any] | metrics.Unavailable, reference: metri
 
 def evaluate_generated(batches: Iterable[Batch], *, fid: tuple[Any, Any] | metrics.Unavailable,
                        reference: metrics.ReferenceStats | None, reference_features: np.ndarray | None,
-                       num_codes: int | None, resize: str = "clean",
+                       num_codes: int | Sequence[int] | None, resize: str = "clean",
                        mesh: jax.sharding.Mesh | None = None) -> GenerationResult:
     """Metrics of generated (images [B, H, W, 3] in [-1, 1], tokens [B, ...] or None) batches, this process's rows.
 
     FID needs the Inception weights and `reference` (pool-feature statistics, 2048-d); the Inception Score the
     weights with their `fc` classifier; precision / recall the weights and `reference_features` [N, 2048] of real
-    images (same resize); utilization and perplexity `num_codes` and tokens. What cannot be computed is reported
-    in `unavailable` with the reason.
+    images (same resize); utilization and perplexity `num_codes` and tokens (`num_codes` a tuple of k sizes:
+    tokens [B, k, h, w] and also `utilization_j` / `perplexity_j` per sub-codebook, `utilization` over all k
+    codebooks). What cannot be computed is reported in `unavailable` with the reason.
     """
     unavailable = _missing_inputs(fid, reference, reference_features)
     with_logits = "inception_score" not in unavailable
@@ -228,7 +249,12 @@ def evaluate_generated(batches: Iterable[Batch], *, fid: tuple[Any, Any] | metri
         unavailable["utilization"], counts = "the samples came without token maps", None
     else:
         scalars["utilization"] = float(utilization(counts))
-        scalars["perplexity"] = float(perplexity(counts))
+        sizes = codebook_sizes(num_codes)
+        if len(sizes) == 1:
+            scalars["perplexity"] = float(perplexity(counts))
+        for j, part in enumerate(np.split(counts, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else ()):
+            scalars[f"utilization_{j + 1}"] = float(utilization(part))
+            scalars[f"perplexity_{j + 1}"] = float(perplexity(part))
     return GenerationResult(scalars, unavailable, counts, resize, reference.description if reference else "")
 
 
@@ -377,7 +403,8 @@ def evaluate_generator(generator: Any, config: Any, output: str | pathlib.Path, 
     options = {k: v for k, v in config.sample.items() if v is not None}
     result = evaluate_generated(
         sample_batches(generator, labels, batch_size=config.batch_size, seed=config.seed, sample_options=options),
-        fid=fid, reference=reference, reference_features=features, num_codes=generator.info.num_codes,
+        fid=fid, reference=reference, reference_features=features,
+        num_codes=getattr(generator.family, "codebook_sizes", generator.info.num_codes),
         resize=config.resize)
     extra = {"sampling": {**generator.config.sample.to_dict(), **options}, "seed": config.seed,
              "samples_per_class": config.samples_per_class, "num_classes": num_classes}

@@ -19,7 +19,8 @@ Array = jax.Array
 PyTree = Any
 
 # config.generator -> "module:class" (imported on use, so a family's dependencies load only when it is chosen).
-FAMILIES = {"gpt": "vqlc_jax.generators.ar:GPTFamily", "dit": "vqlc_jax.generators.latent:DiTFamily",
+FAMILIES = {"gpt": "vqlc_jax.generators.ar:GPTFamily", "far": "vqlc_jax.generators.far:FARFamily",
+            "dit": "vqlc_jax.generators.latent:DiTFamily",
             "sit": "vqlc_jax.generators.latent:SiTFamily", "ldm": "vqlc_jax.generators.latent:LDMFamily"}
 
 
@@ -32,6 +33,7 @@ class Family(abc.ABC):
     """
 
     fields: tuple[str, ...]
+    config: ml_collections.ConfigDict  # the run's config, with what the family read off the data
     num_classes: int
     model: Any
 
@@ -74,5 +76,10 @@ def make_family(config: ml_collections.ConfigDict, dataset: Any) -> Family:
     """The family `config.generator` names, bound to `config` and the encoded `dataset`."""
     if config.generator not in FAMILIES:
         raise ValueError(f"config.generator={config.generator!r}: choices: {', '.join(sorted(FAMILIES))}")
+    codebooks = int(getattr(dataset, "num_codebooks", 1))
+    if codebooks > 1 and config.generator == "gpt":
+        raise ValueError(f"config.generator='gpt': the encoded dataset {getattr(dataset, 'directory', '')} holds "
+                         f"token maps of {codebooks} sub-codebooks {list(dataset.token_shape)}; train "
+                         "generator='far' on it")
     module, name = FAMILIES[config.generator].split(":")
     return getattr(importlib.import_module(module), name)(config, dataset)

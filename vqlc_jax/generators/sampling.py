@@ -59,7 +59,7 @@ def top_p_logits(logits: Array, p: float) -> Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def _check_filters(num_logits: int, top_k: int | None, top_p: float | None, temperature: float) -> None:
+def check_filters(num_logits: int, top_k: int | None, top_p: float | None, temperature: float) -> None:
     if top_k is not None and not 0 < top_k <= num_logits:
         raise ValueError(f"top_k={top_k} must lie in [1, {num_logits}] (the number of codes)")
     if top_p is not None and not 0 < top_p <= 1:
@@ -71,7 +71,7 @@ def _check_filters(num_logits: int, top_k: int | None, top_p: float | None, temp
 def filter_logits(logits: Array, *, top_k: int | None = None, top_p: float | None = None,
                   temperature: float = 1.0) -> Array:
     """`logits / temperature`, then top-k, then top-p (None: off). Bad values raise before tracing."""
-    _check_filters(logits.shape[-1], top_k, top_p, temperature)
+    check_filters(logits.shape[-1], top_k, top_p, temperature)
     logits = logits / temperature
     if top_k is not None:
         logits = top_k_logits(logits, top_k)
@@ -89,17 +89,36 @@ def class_balanced_labels(num_samples: int, num_classes: int, seed: int | None =
     return labels if seed is None else np.random.default_rng(seed).permutation(labels)
 
 
+def check_request(labels: Any, num_tokens: int, block_size: int, cfg_schedule: str) -> None:
+    """Labels a vector, 1 <= num_tokens < block_size, a known CFG schedule; raises naming the value."""
+    if np.ndim(labels) != 1:
+        raise ValueError(f"labels must be a vector [B], got shape {np.shape(labels)}")
+    if not 0 < num_tokens < block_size:
+        raise ValueError(f"num_tokens={num_tokens} must lie in [1, {block_size - 1}] (block_size - 1)")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule={cfg_schedule!r}: choices: {', '.join(CFG_SCHEDULES)}")
+
+
+def cfg_scale_at(step: Any, cfg_scale: float, cfg_schedule: str, num_tokens: int) -> Any:
+    """The guidance scale at token `step`: constant, or linear from 1 at the first token to `cfg_scale` at the
+    last."""
+    if cfg_schedule == "constant" or num_tokens == 1:
+        return cfg_scale
+    return 1.0 + (cfg_scale - 1.0) * step / (num_tokens - 1)
+
+
+def guide(logits: Array, scale: Any) -> Array:
+    """Classifier-free guidance of rows [conditional; null]: `u + scale (c - u)`, [rows / 2, V]."""
+    cond, uncond = jnp.split(logits, 2)
+    return uncond + scale * (cond - uncond)
+
+
 def _sampler(model: Any, labels: Array, *, num_tokens: int, temperature: float, top_k: int | None,
              top_p: float | None, cfg_scale: float, cfg_schedule: str) -> tuple[Array, Callable]:
     """Validates the request; returns the class ids of the batch (2B rows under CFG: conditional, then null) and
     `draw(rng, step, logits [rows, V_out]) -> tokens [B]`."""
-    if np.ndim(labels) != 1:
-        raise ValueError(f"labels must be a vector [B], got shape {np.shape(labels)}")
-    if not 0 < num_tokens < model.block_size:
-        raise ValueError(f"num_tokens={num_tokens} must lie in [1, {model.block_size - 1}] (block_size - 1)")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule={cfg_schedule!r}: choices: {', '.join(CFG_SCHEDULES)}")
-    _check_filters(model.num_codes, top_k, top_p, temperature)
+    check_request(labels, num_tokens, model.block_size, cfg_schedule)
+    check_filters(model.num_codes, top_k, top_p, temperature)
     guided = cfg_scale != 1.0
     if guided and not model.null_class:
         raise ValueError(f"cfg_scale={cfg_scale} needs a model with a null class (GPT null_class=True, trained with "
@@ -109,16 +128,10 @@ def _sampler(model: Any, labels: Array, *, num_tokens: int, temperature: float, 
         null = jnp.full_like(class_ids, model.num_codes + model.num_classes)
         class_ids = jnp.concatenate([class_ids, null])
 
-    def scale_at(step):
-        if cfg_schedule == "constant" or num_tokens == 1:
-            return cfg_scale
-        return 1.0 + (cfg_scale - 1.0) * step / (num_tokens - 1)  # 1 at the first token, cfg_scale at the last
-
     def draw(rng, step, logits):
         logits = logits[:, : model.num_codes].astype(jnp.float32)
         if guided:
-            cond, uncond = jnp.split(logits, 2)
-            logits = uncond + scale_at(step) * (cond - uncond)
+            logits = guide(logits, cfg_scale_at(step, cfg_scale, cfg_schedule, num_tokens))
         logits = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature)
         return jax.random.categorical(jax.random.fold_in(rng, step), logits).astype(jnp.int32)
 

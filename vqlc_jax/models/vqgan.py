@@ -1,7 +1,8 @@
 """The VQGAN autoencoder: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (NHWC).
 
 `build_vqgan(model_config)` makes one from a config with the official `ddconfig` keys, `embed_dim` (D') and a
-`quantizer` block whose `name` picks the quantizer from the registry (`lc`, `vq`, `fc`, `ema`).
+`quantizer` block whose `name` picks the quantizer from the registry (`lc`, `vq`, `fc`, `ema`, `l2vq`); `fq` (FQGAN's
+factorized quantization) builds a `vqlc_jax.models.fqgan.FQModel` instead.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def build_vqgan(model_config: Mapping[str, Any]) -> VQModel:
     for key in ("ddconfig", "embed_dim", "quantizer"):
         if key not in model_config:
             raise ValueError(f"model config: missing key {key!r}")
+    if dict(model_config["quantizer"]).get("name") == "fq":
+        from vqlc_jax.models.fqgan import build_fqgan  # fqgan builds on this module
+
+        return build_fqgan(model_config)
     enc_kwargs, dec_kwargs = _split_ddconfig(dict(model_config["ddconfig"]))
     options = dict(model_config["quantizer"])
     name = options.pop("name", None)

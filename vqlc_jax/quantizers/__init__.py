@@ -8,16 +8,20 @@ from typing import Any
 from vqlc_jax.quantizers.base import Quantizer, straight_through
 from vqlc_jax.quantizers.ema import EMAQuantizer, ema_update
 from vqlc_jax.quantizers.fc import FCQuantizer
+from vqlc_jax.quantizers.fq import FQQuantizer, L2VQQuantizer
 from vqlc_jax.quantizers.lc import LCQuantizer, load_codebook
 from vqlc_jax.quantizers.search import DEFAULT_CHUNK_SIZE, nearest_codes
 from vqlc_jax.quantizers.utilization import code_counts, perplexity, utilization
 from vqlc_jax.quantizers.vq import VQQuantizer
 
-QUANTIZERS: dict[str, type[Quantizer]] = {
+# `fq` (FQQuantizer) is not a Quantizer: it splits its input over k sub-quantizers and returns [B, k, ...] tokens.
+QUANTIZERS: dict[str, type] = {
     "lc": LCQuantizer,
     "vq": VQQuantizer,
     "fc": FCQuantizer,
     "ema": EMAQuantizer,
+    "l2vq": L2VQQuantizer,
+    "fq": FQQuantizer,
 }
 
 
@@ -34,7 +38,7 @@ def make_quantizer(name: str, **kwargs: Any) -> Quantizer:
 
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "EMAQuantizer", "FCQuantizer", "LCQuantizer", "QUANTIZERS", "Quantizer", "VQQuantizer",
+    "DEFAULT_CHUNK_SIZE", "EMAQuantizer", "FCQuantizer", "FQQuantizer", "L2VQQuantizer", "LCQuantizer", "QUANTIZERS", "Quantizer", "VQQuantizer",
     "code_counts", "ema_update", "load_codebook", "make_quantizer", "nearest_codes", "perplexity",
     "straight_through", "utilization",
 ]

@@ -178,8 +178,8 @@ class GeneratorTask(loop.Task):
         labels = class_balanced_labels(c.eval.num_samples, self.family.num_classes, seed=c.seed)
         result = gen_eval.evaluate_generated(
             self._eval_batches(params, jax.random.fold_in(rng, 1), labels, tokenizer), fid=self._fid,
-            reference=self._reference[0], reference_features=self._reference[1], num_codes=self.dataset.num_codes,
-            resize=c.eval.resize, mesh=self.mesh)
+            reference=self._reference[0], reference_features=self._reference[1],
+            num_codes=self.dataset.codebook_sizes, resize=c.eval.resize, mesh=self.mesh)
         scalars = {f"eval/gen_{k}" if k != "num_samples" else "eval/num_samples": v
                    for k, v in result.scalars.items()}
         writer.write_scalars(step, scalars)
@@ -202,7 +202,7 @@ class GeneratorTask(loop.Task):
     def export(self, state: GenState, workdir: pathlib.Path) -> None:
         from vqlc_jax.generators.generator import Generator
 
-        Generator(self.config, self.dataset_info(), state.ema_params).save(workdir / "generator")
+        Generator(self.family.config, self.dataset_info(), state.ema_params).save(workdir / "generator")
 
     # ---- Helpers. ----------------------------------------------------------------------------------------------------
     def dataset_info(self):

@@ -28,17 +28,22 @@ from vqlc_jax.train.loop import NonFiniteLossError  # noqa: F401  (re-exported)
 from vqlc_jax.train.steps import LossConfig, StepFns, TrainState, train_step
 
 # Rules for leaves to split over the `model` axis (regex on the '/'-joined path): the frozen codebook by rows.
-PARTITION_RULES = ((r"model_state/codebook/quantizer/embedding", jax.sharding.PartitionSpec(parallel.MODEL, None)),)
+# A factorized model's `lc` branches keep theirs at `quantizer/<branch>/embedding`.
+PARTITION_RULES = ((r"model_state/codebook/quantizer(/[^/]+)?/embedding",
+                    jax.sharding.PartitionSpec(parallel.MODEL, None)),)
 
 
 def lr_schedule(opt: ml_collections.ConfigDict, total_steps: int, peak: float) -> optax.Schedule:
-    """Linear warm-up to `peak`, then a half-cycle cosine down to `min_lr` at `total_steps`."""
-    return loop.lr_schedule(peak, warmup_steps=opt.warmup_steps, total_steps=total_steps, min_lr=opt.min_lr)
+    """Linear warm-up to `peak`, then `opt.decay` (cosine, linear or constant) down to `min_lr` at `total_steps`."""
+    return loop.lr_schedule(peak, warmup_steps=opt.warmup_steps, total_steps=total_steps, min_lr=opt.min_lr,
+                            decay=opt.decay)
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int, peak: float) -> optax.GradientTransformation:
-    """Adam as the release (betas 0.5/0.9, eps 1e-7, no weight decay, no clipping) on the schedule."""
-    return optax.adam(lr_schedule(opt, total_steps, peak), b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    """Adam as the release (betas 0.5/0.9, eps 1e-7, no weight decay) on the schedule; gradients clipped to a
+    global norm of `opt.grad_clip` first when it is > 0 (FQGAN: 1.0; VQGAN-LC: none)."""
+    adam = optax.adam(lr_schedule(opt, total_steps, peak), b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adam) if opt.grad_clip > 0 else adam
 
 
 def load_lpips(loss_cfg: ml_collections.ConfigDict):
@@ -57,12 +62,52 @@ def load_lpips(loss_cfg: ml_collections.ConfigDict):
     return LPIPS().apply, load_lpips_variables(path)
 
 
-def _load_codebook(config: ml_collections.ConfigDict) -> np.ndarray | None:
-    if config.model.quantizer.name != "lc" or config.codebook_init == "random":
-        return None
+def _load_codebook(config: ml_collections.ConfigDict) -> np.ndarray | dict[str, np.ndarray] | None:
+    """The frozen `lc` codebook, or {branch: codebook} for a factorized model's `lc` branches
+    (`codebook_paths.<branch>`); None with `codebook_init='random'`."""
     from vqlc_jax.quantizers import load_codebook
 
-    return load_codebook(config.codebook_path, expected_dim=config.model.quantizer.codebook_dim)
+    q = config.model.quantizer
+    if config.codebook_init == "random" or q.name not in ("lc", "fq"):
+        return None
+    if q.name == "lc":
+        return load_codebook(config.codebook_path, expected_dim=q.codebook_dim)
+    codebooks = {}
+    for branch in q.branches:
+        if branch["quantizer"]["name"] != "lc":
+            continue
+        path = config.codebook_paths.get(branch["name"], "")
+        if not path:
+            raise ValueError(f"config.codebook_paths.{branch['name']}={path!r}: the lc branch {branch['name']!r} "
+                             "needs a codebook file (or set codebook_init='random')")
+        codebooks[branch["name"]] = load_codebook(path, expected_dim=branch["quantizer"]["codebook_dim"])
+    return codebooks or None
+
+
+def load_teachers(config: ml_collections.ConfigDict, model) -> tuple[tuple, dict]:
+    """((branch, Teacher), ...) and {branch: frozen variables} from `loss.teachers` {branch: {name, path}}.
+
+    Every branch with a FeatPredHead (`model.fq.feat_heads`) needs a teacher of the head's width, and every teacher
+    a head; none are loaded when `loss.semantic_weight` is 0."""
+    from vqlc_jax.models.teachers import load_teacher
+
+    specs = dict(config.loss.teachers)
+    heads = {name: width for name, width, _, _ in getattr(model, "feat_head_specs", ())}
+    if config.loss.semantic_weight == 0 or not (specs or heads):
+        return (), {}
+    for name in sorted(set(heads) ^ set(specs)):
+        where = "loss.teachers" if name in heads else "model.fq.feat_heads"
+        raise ValueError(f"branch {name!r}: a teacher and a FeatPredHead go together, but {where}.{name} is missing "
+                         f"(teachers: {sorted(specs)}, feature heads: {sorted(heads)})")
+    teachers, variables = [], {}
+    for name in sorted(specs):
+        spec = dict(specs[name])
+        teacher, variables[name] = load_teacher(spec["name"], spec["path"], size=config.loss.teacher_size)
+        if teacher.width != heads[name]:
+            raise ValueError(f"branch {name!r}: the teacher {spec['name']!r} from {spec['path']!r} gives features of "
+                             f"width {teacher.width}, but model.fq.feat_heads.{name}.width is {heads[name]}")
+        teachers.append((name, teacher))
+    return tuple(teachers), variables
 
 
 @dataclasses.dataclass
@@ -75,6 +120,16 @@ class Run:
     state_shardings: Any
     lpips_vars: Any
     init_state: Any  # () -> TrainState, born sharded (jit with out_shardings)
+    teacher_vars: Any = None  # {branch: frozen teacher variables}, replicated
+
+
+def codebook_layout(model) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(names, sizes) of a factorized model's sub-codebooks; ((), ()) for one codebook."""
+    from vqlc_jax.quantizers import FQQuantizer
+
+    if isinstance(model.quantizer, FQQuantizer):
+        return model.quantizer.names, model.quantizer.codebook_sizes
+    return (), ()
 
 
 def build_run(config: ml_collections.ConfigDict) -> Run:
@@ -85,7 +140,9 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     model = build_vqgan(config.model)
     disc = NLayerDiscriminator(n_layers=config.loss.disc_layers, ndf=config.loss.disc_ndf)
     lpips_apply, lpips_vars = load_lpips(config.loss)
-    fns = StepFns(model=model, discriminator=disc,
+    teachers, teacher_vars = load_teachers(config, model)
+    names, sizes = codebook_layout(model)
+    fns = StepFns(model=model, discriminator=disc, teachers=teachers, codebook_sizes=sizes,
                   optimizer=make_optimizer(config.optimizer, config.total_steps, config.optimizer.lr),
                   disc_optimizer=make_optimizer(config.optimizer, config.total_steps, config.optimizer.disc_lr),
                   lpips=lpips_apply, loss=LossConfig(**{f.name: config.loss[f.name]
@@ -93,14 +150,17 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     res = config.data.resolution
     images = jnp.zeros((1, res, res, config.model.ddconfig.in_channels), jnp.float32)
     codebook = _load_codebook(config)
-    num_codes = config.model.quantizer.num_codes
+    num_codes = sum(sizes) if names else config.model.quantizer.num_codes
 
     def init(codebook: jax.Array | None) -> TrainState:
         key = jax.random.key(config.seed)
         k_model, k_disc, k_state = jax.random.split(key, 3)
         variables = dict(model.init(k_model, images))
         params = variables.pop("params")
-        if codebook is not None:
+        if isinstance(codebook, dict):
+            for name, value in codebook.items():
+                variables["codebook"]["quantizer"][name]["embedding"] = jnp.asarray(value)
+        elif codebook is not None:
             variables["codebook"] = {"quantizer": {"embedding": jnp.asarray(codebook)}}
         disc_vars = disc.init(k_disc, images)
         return TrainState(
@@ -115,13 +175,18 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     # The codebook is an argument, not a constant baked into the program (100K x 768 floats).
     born_sharded = jax.jit(init, out_shardings=shardings)
     lpips_vars = jax.device_put(lpips_vars, parallel.replicated(mesh)) if lpips_vars is not None else None
-    return Run(config, mesh, fns, shardings, lpips_vars, lambda: born_sharded(codebook))
+    teacher_vars = jax.device_put(teacher_vars, parallel.replicated(mesh)) if teacher_vars else None
+    return Run(config, mesh, fns, shardings, lpips_vars, lambda: born_sharded(codebook), teacher_vars)
 
 
-def _usage(counts: np.ndarray) -> dict[str, float]:
+def _usage(counts: np.ndarray, names: tuple[str, ...] = (), sizes: tuple[int, ...] = ()) -> dict[str, float]:
+    """Utilization and perplexity of the counts, and of each sub-codebook's part (`utilization_<name>`, ...)."""
     from vqlc_jax.quantizers import perplexity, utilization
 
-    return {"utilization": float(utilization(counts)), "perplexity": float(perplexity(counts))}
+    values = {"utilization": float(utilization(counts)), "perplexity": float(perplexity(counts))}
+    for name, part in zip(names, np.split(counts, np.cumsum(sizes, dtype=int)[:-1])):
+        values.update({f"utilization_{name}": float(utilization(part)), f"perplexity_{name}": float(perplexity(part))})
+    return values
 
 
 def tokenizer_variables(state: TrainState) -> dict:
@@ -144,10 +209,11 @@ def evaluate(run: Run, state: TrainState, workdir: pathlib.Path, step: int, writ
     from vqlc_jax import evaluate as evaluate_lib
 
     config = run.config
+    names, sizes = codebook_layout(run.fns.model)
     result = evaluate_lib.evaluate_tokenizer(
-        run.fns.model, tokenizer_variables(state), config.data, num_codes=config.model.quantizer.num_codes,
+        run.fns.model, tokenizer_variables(state), config.data, num_codes=sizes or config.model.quantizer.num_codes,
         batch_size=config.global_batch_size, mesh=run.mesh,
-        lpips=(run.fns.lpips, run.lpips_vars) if run.fns.lpips else None)
+        lpips=(run.fns.lpips, run.lpips_vars) if run.fns.lpips else None, codebook_names=names)
     scalars = {f"eval/{k}": v for k, v in result.scalars.items()}
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
@@ -171,10 +237,13 @@ class TokenizerTask(loop.Task):
         self.images_sharding = parallel.batch_sharding(self.mesh)
         self.schedule = lr_schedule(config.optimizer, config.total_steps, config.optimizer.lr)
         self.pipeline = None
+        self.layout = codebook_layout(self.run.fns.model)
+        replicated = parallel.replicated(self.mesh)
         self._steps = {
             use_gan: jax.jit(
-                lambda s, x, lp, use_gan=use_gan: train_step(self.run.fns, s, x, lp, use_gan=use_gan),
-                in_shardings=(self.state_shardings, self.images_sharding, parallel.replicated(self.mesh)),
+                lambda s, x, lp, tv, use_gan=use_gan: train_step(self.run.fns, s, x, lp, use_gan=use_gan,
+                                                                 teacher_vars=tv),
+                in_shardings=(self.state_shardings, self.images_sharding, replicated, replicated),
                 out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
                 donate_argnums=(0,))
             for use_gan in (False, True)
@@ -195,13 +264,15 @@ class TokenizerTask(loop.Task):
 
     def step(self, state: TrainState, batch, step: int):
         images = parallel.global_batch(batch.image, self.images_sharding)
-        return self._steps[step > self.config.loss.disc_start](state, images, self.run.lpips_vars)
+        return self._steps[step > self.config.loss.disc_start](state, images, self.run.lpips_vars,
+                                                                self.run.teacher_vars)
 
     def learning_rate(self, step: int) -> float:
         return float(self.schedule(step - 1))  # step s (from 1) applied update number s - 1
 
     def log_values(self, state: TrainState):
-        values = {f"window_{k}": v for k, v in _usage(np.asarray(jax.device_get(state.window_counts))).items()}
+        counts = np.asarray(jax.device_get(state.window_counts))
+        values = {f"window_{k}": v for k, v in _usage(counts, *self.layout).items()}
         values["skipped_images"] = self.pipeline.skipped.count
         return values, state.replace(window_counts=jnp.zeros_like(state.window_counts))
 
@@ -209,7 +280,7 @@ class TokenizerTask(loop.Task):
         counts = np.asarray(jax.device_get(state.epoch_counts))
         if jax.process_index() == 0:
             np.save(workdir / "epoch_code_counts.npy", counts)
-        return _usage(counts), state.replace(epoch_counts=jnp.zeros_like(state.epoch_counts))
+        return _usage(counts, *self.layout), state.replace(epoch_counts=jnp.zeros_like(state.epoch_counts))
 
     def evaluate(self, state: TrainState, workdir: pathlib.Path, step: int, writer) -> dict[str, float]:
         return evaluate(self.run, state, workdir, step, writer)
