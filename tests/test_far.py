@@ -23,7 +23,7 @@ from vqlc_jax.generators.far import FARFamily, decode_far, far_loss, sample_far_
 from vqlc_jax.generators.generator import Generator
 from vqlc_jax.models.far import FAR, stack_tokens
 from vqlc_jax.models.gpt import rope_table_2d
-from vqlc_jax.models.vqgan import build_vqgan
+from vqlc_jax.models.build import build_model
 from vqlc_jax.train.generator import train_and_evaluate
 
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -181,7 +181,7 @@ def dual(tmp_path_factory):
     config = {"ddconfig": DDCONFIG, "embed_dim": 4, "quantizer": {"name": "fq", "branches": branches},
               "fq": {"adapter_layers": 1, "adapter_heads": 2}}
     tokenizer = Tokenizer(config, random_variables(jax.eval_shape(
-        build_vqgan(config).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))))
+        build_model(config).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))))
     assert tokenizer.codebook_sizes == (VISUAL, SEMANTIC)
     encode = encode_demo.get_config().unlock()
     encode.data.update(resolution=16, options={"resolution": 16}, max_images=16)

@@ -12,10 +12,11 @@ from flax.traverse_util import flatten_dict
 
 from vqlc_jax import Tokenizer, evaluate, losses, parallel
 from vqlc_jax.convert.official import read_state_dict
-from vqlc_jax.convert.official_fqgan import infer_fqgan_config, load_official_fqgan
+from vqlc_jax.convert.official_fqgan import infer_fqgan_config
 from vqlc_jax.convert.torch_layout import CheckpointMismatchError
 from vqlc_jax.generators import load_official
 from vqlc_jax.quantizers import code_counts, make_quantizer
+from vqlc_jax.tokenizer import from_official_fqgan
 
 TOL = 1e-5
 HEADS = dict(adapter_heads=2, feat_heads=4)  # the fixture's tiny attention (not in the weights)
@@ -89,7 +90,7 @@ def test_parity_with_the_release(tok, ref, forward):
 
 
 def test_sources_agree_and_the_config_is_read_off_the_weights(tok, ref):
-    from_npz = load_official_fqgan(ref["npz"], **HEADS)
+    from_npz = from_official_fqgan(ref["npz"], **HEADS)
     assert_same_variables(tok, from_npz)
     config = tok.config.to_dict()
     assert config["ddconfig"]["ch_mult"] == [2, 1] and config["ddconfig"]["resolution"] == 32
@@ -105,14 +106,14 @@ def test_mismatches_are_listed_in_one_error(ref):
     broken = {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}
     broken["quantize_sem.embedding.weight"] = np.zeros((64, 4), np.float32)
     with pytest.raises(CheckpointMismatchError) as err:
-        load_official_fqgan(broken, config)
+        from_official_fqgan(broken, config)
     message = str(err.value)
     for expected in ("the checkpoint has 2 sub-codebooks ['vis', 'sem'], the config 3",
                      "missing", "params/decoder/conv_out/bias", "params/quantizer/sem_mid/embedding",
                      "quantize_sem.embedding.weight: (64, 4)", "post_quant_conv.weight"):
         assert expected in message, message
     with pytest.raises(CheckpointMismatchError, match="sub-quantizers"):
-        load_official_fqgan({k: v for k, v in state.items() if not k.startswith("quantize_")})
+        from_official_fqgan({k: v for k, v in state.items() if not k.startswith("quantize_")})
 
 
 def test_tokens_are_checked_per_sub_codebook(tok, forward):

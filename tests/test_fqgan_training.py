@@ -18,7 +18,7 @@ from flax.traverse_util import flatten_dict
 from PIL import Image
 
 from vqlc_jax import Tokenizer, losses, metrics
-from vqlc_jax.models.vqgan import build_vqgan
+from vqlc_jax.models.build import build_model
 from vqlc_jax.train import config as config_lib
 from vqlc_jax.train import trainer
 from vqlc_jax.train.steps import train_step
@@ -88,7 +88,7 @@ def test_fq_step_trains_every_branch_against_the_frozen_teacher(one_step):
 
 def test_teachers_and_heads_must_match(fixtures_dir, tmp_path):
     c = smoke_config(fixtures_dir)
-    model = build_vqgan(c.model)
+    model = build_model(c.model)
     c.loss.teachers.sem.path = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"teacher 'clip' from .*missing"):
         trainer.load_teachers(c, model)
@@ -104,7 +104,7 @@ def test_teachers_and_heads_must_match(fixtures_dir, tmp_path):
     c.loss.semantic_weight = 0.0  # representation loss off: nothing is loaded
     assert trainer.load_teachers(c, model) == ((), {})
     plain = smoke_config(fixtures_dir, teacher=False)  # no heads, no teachers: the demo's default
-    assert trainer.load_teachers(plain, build_vqgan(plain.model)) == ((), {})
+    assert trainer.load_teachers(plain, build_model(plain.model)) == ((), {})
 
 
 def test_lc_branches_need_their_codebooks(fixtures_dir, tmp_path):

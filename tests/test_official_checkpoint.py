@@ -24,15 +24,15 @@ def converted(official_tiny):
 
 
 def test_quantizer_is_read_off_the_weights(converted, official_tiny):
-    q = converted.tokenizer.config.quantizer
+    q = Tokenizer(converted.config, converted.variables).config.quantizer
     assert (q.name, q.num_codes, q.codebook_dim, q.projector) == ("lc", 512, 32, "linear")
-    assert converted.tokenizer.config.embed_dim == 8
+    assert Tokenizer(converted.config, converted.variables).config.embed_dim == 8
     assert converted.discriminator_layers == 2
 
 
 def test_parity_with_the_release(converted, official_tiny):
     """All outputs within 1e-4 relative; `pytest -s -k parity` prints the measured errors."""
-    tok = converted.tokenizer
+    tok = Tokenizer(converted.config, converted.variables)
     x = official_tiny["input"]
     recon, indices, aux = tok.reconstruct(x)
     np.testing.assert_array_equal(np.asarray(indices).reshape(2, -1), official_tiny["indices"])
@@ -58,7 +58,7 @@ def test_parity_with_the_release(converted, official_tiny):
 def test_pth_file_reads_like_the_arrays(official_tiny, converted):
     from_pth = load_official_checkpoint(official_tiny["pth"], official_tiny["ddconfig"])
     assert from_pth.lpips is None  # the fixture's .pth carries no VGG16 trunk
-    same = jax.tree.map(np.array_equal, from_pth.tokenizer.variables, converted.tokenizer.variables)
+    same = jax.tree.map(np.array_equal, from_pth.variables, converted.variables)
     assert jax.tree.all(same)
     tok = Tokenizer.from_official_checkpoint(official_tiny["pth"], official_tiny["ddconfig"], chunk_size=100)
     np.testing.assert_array_equal(np.asarray(tok.encode(official_tiny["input"])).reshape(2, -1),
@@ -90,7 +90,7 @@ def test_mlp_projector_is_recognised(official_tiny):
     sd["codebook_projection.0.bias"] = np.zeros(256, np.float32)
     sd["codebook_projection.2.weight"] = rng.standard_normal((8, 256), dtype=np.float32) * 0.05
     sd["codebook_projection.2.bias"] = np.zeros(8, np.float32)
-    tok = load_official_checkpoint(sd, official_tiny["ddconfig"]).tokenizer
+    tok = Tokenizer.from_official_checkpoint(sd, official_tiny["ddconfig"])
     assert tok.config.quantizer.projector == "mlp"
     hidden = np.maximum(sd["tok_embeddings.weight"] @ sd["codebook_projection.0.weight"].T, 0)
     want = hidden @ sd["codebook_projection.2.weight"].T

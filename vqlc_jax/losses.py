@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vqlc_jax.quantizers.sharding import iota_like, replicate
+from vqlc_jax.sharded_ops import iota_like, replicate
 
 Array = jax.Array
 

@@ -22,7 +22,8 @@ import numpy as np
 from flax import traverse_util
 
 from vqlc_jax import export
-from vqlc_jax.models.vqgan import VQModel, build_vqgan
+from vqlc_jax.models.build import build_model, dummy_images
+from vqlc_jax.models.vqgan import VQModel
 from vqlc_jax.quantizers import FQQuantizer
 
 CONFIG_FILE = "tokenizer.json"
@@ -35,19 +36,12 @@ MAX_ABS_INPUT = 1.5
 LC_CODEBOOK_PATH = ("codebook", "quantizer", "embedding")
 
 
-def _dummy_images(config: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
-    """One image of the configured resolution: what `init` needs to build the variables."""
-    ddconfig = config["ddconfig"]
-    res = int(ddconfig.get("resolution", 256))
-    return jax.ShapeDtypeStruct((1, res, res, int(ddconfig.get("in_channels", 3))), jnp.float32)
-
-
 class Tokenizer:
     """A VQGAN-family tokenizer: a Flax `VQModel` built from `config` plus its variables."""
 
     def __init__(self, config: Mapping[str, Any], variables: Mapping[str, Any]):
         self.config = ml_collections.ConfigDict(dict(config))
-        self.model: VQModel = build_vqgan(self.config)
+        self.model: VQModel = build_model(self.config)
         self.variables = jax.tree.map(jnp.asarray, dict(variables))
         self._apply = jax.jit(lambda v, x: self.model.apply(v, x))
         self._tokenize = jax.jit(lambda v, x: self.model.apply(v, x, method="tokenize"))
@@ -64,8 +58,8 @@ class Tokenizer:
     def create(cls, config: Mapping[str, Any], *, seed: int = 0, codebook=None):
         """A freshly initialised tokenizer; `codebook` (array or `.npy`/`.pth` path) fills the frozen `lc` codebook
         ({branch: codebook} for the `lc` branches of an `fq` tokenizer)."""
-        dummy = _dummy_images(config)
-        variables = dict(jax.jit(build_vqgan(config).init)(jax.random.key(seed), jnp.zeros(dummy.shape)))
+        dummy = dummy_images(config)
+        variables = dict(jax.jit(build_model(config).init)(jax.random.key(seed), jnp.zeros(dummy.shape)))
         if codebook is not None:
             variables = _with_codebook(variables, codebook)
         return cls(config, variables)
@@ -80,7 +74,8 @@ class Tokenizer:
         """
         from vqlc_jax.convert.official import load_official_checkpoint
 
-        return load_official_checkpoint(path_or_state_dict, ddconfig, **quantizer_options).tokenizer
+        converted = load_official_checkpoint(path_or_state_dict, ddconfig, **quantizer_options)
+        return cls(converted.config, converted.variables)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Properties
@@ -177,7 +172,7 @@ class Tokenizer:
     def load(cls, directory: str | pathlib.Path) -> "Tokenizer":
         """Reads what `save` wrote."""
         config = export.read_meta(directory, CONFIG_FILE, "Tokenizer.save")
-        abstract = jax.eval_shape(build_vqgan(config).init, jax.random.key(0), _dummy_images(config))
+        abstract = jax.eval_shape(build_model(config).init, jax.random.key(0), dummy_images(config))
         return cls(config, export.restore(directory, VARIABLES_DIR, dict(abstract)))
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -264,3 +259,11 @@ def _with_codebook(variables: dict, codebook) -> dict:
             raise ValueError(f"codebook: shape {value.shape}, the quantizer expects {tuple(flat[key].shape)}")
         flat[key] = jnp.asarray(value)
     return traverse_util.unflatten_dict(flat)
+
+
+def from_official_fqgan(source, config: Mapping[str, Any] | None = None, **options) -> Tokenizer:
+    """A `Tokenizer` from a released FQGAN checkpoint (`load_official("fqgan", ...)`); see
+    `vqlc_jax.convert.official_fqgan.load_official_fqgan` for `config` and `options`."""
+    from vqlc_jax.convert.official_fqgan import load_official_fqgan
+
+    return Tokenizer(*load_official_fqgan(source, config, **options))

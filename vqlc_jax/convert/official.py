@@ -28,9 +28,11 @@ NPZ_STATE_DICT_PREFIX = "state_dict/"
 
 @dataclasses.dataclass
 class OfficialCheckpoint:
-    """What a released checkpoint holds, converted: the tokenizer and, when present, the loss networks."""
+    """What a released checkpoint holds, converted: the tokenizer's config and variables (`vqlc_jax.Tokenizer(config,
+    variables)`, or `Tokenizer.from_official_checkpoint`) and, when present, the loss networks."""
 
-    tokenizer: Any  # vqlc_jax.Tokenizer
+    config: dict  # the `build_vqgan` model config
+    variables: dict
     discriminator: dict | None  # NLayerDiscriminator variables (params, batch_stats)
     discriminator_layers: int | None
     lpips: dict | None  # LPIPS variables; None when the file lacks the VGG16 trunk (`perceptual_loss.net.*`)
@@ -120,13 +122,13 @@ def _discriminator_variables(state_dict: Mapping[str, np.ndarray], source: str) 
 def load_official_checkpoint(source, ddconfig: Mapping[str, Any], **quantizer_options) -> OfficialCheckpoint:
     """Converts a released VQGAN-LC checkpoint; every unknown, missing or mis-shaped key is reported at once."""
     from vqlc_jax.convert.lpips_weights import lpips_from_vqgan_lc
-    from vqlc_jax.tokenizer import Tokenizer, _dummy_images
+    from vqlc_jax.models.build import dummy_images
 
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     groups = split_state_dict(read_state_dict(source), name)
     tok_sd = groups["tokenizer"]
     config = infer_model_config(tok_sd, ddconfig, name, **quantizer_options)
-    template = jax.eval_shape(build_vqgan(config).init, jax.random.key(0), _dummy_images(config))
+    template = jax.eval_shape(build_vqgan(config).init, jax.random.key(0), dummy_images(config))
     variables = map_state_dict(tok_sd, template, key_to_path=_tokenizer_key_to_path(config["quantizer"]["name"]),
                                source=name)
     disc, n_layers = (None, None)
@@ -135,4 +137,4 @@ def load_official_checkpoint(source, ddconfig: Mapping[str, Any], **quantizer_op
     lpips_sd = groups[LPIPS_PREFIX]
     has_trunk = any(k.startswith(f"{LPIPS_PREFIX}.net.") for k in lpips_sd)
     lpips = lpips_from_vqgan_lc(lpips_sd, source=name) if has_trunk else None
-    return OfficialCheckpoint(Tokenizer(config, variables), disc, n_layers, lpips)
+    return OfficialCheckpoint(config, variables, disc, n_layers, lpips)

@@ -95,7 +95,7 @@ def checkpoint_branches(state_dict: Mapping[str, Any], source: str) -> list[str]
 
 def infer_fqgan_config(state_dict: Mapping[str, np.ndarray], source: str, *, adapter_heads: int = 8,
                        feat_heads: int = 8, **quantizer_options) -> dict:
-    """The `build_vqgan` config (quantizer `fq` of `l2vq` branches) of a release state dict."""
+    """The `build_model` config (quantizer `fq` of `l2vq` branches) of a release state dict."""
     needed = ("encoder.conv_in.weight", "encoder.conv_blocks.0.res.0.conv1.weight", "decoder.conv_in.weight",
               "decoder.conv_out.weight", "encoder.visual_head.0.positional_embedding")
     missing = [k for k in needed if k not in state_dict]
@@ -131,12 +131,12 @@ def infer_fqgan_config(state_dict: Mapping[str, np.ndarray], source: str, *, ada
 
 def load_official_fqgan(source, config: Mapping[str, Any] | None = None, *, adapter_heads: int = 8,
                         feat_heads: int = 8, **quantizer_options):
-    """A `Tokenizer` from a released FQGAN checkpoint: `.pth` (`{'model': state_dict}`), `.npz` (keys optionally
+    """(model config, variables) of a released FQGAN checkpoint (`vqlc_jax.tokenizer.from_official_fqgan` makes the
+    `Tokenizer`): `.pth` (`{'model': state_dict}`), `.npz` (keys optionally
     under `state_dict/`) or a dict of arrays. The config is read off the weights unless `config` is given (then the
     checkpoint must fit it); `quantizer_options` go to every `l2vq` branch (e.g. `entropy_weight`). Every branch,
     unknown, missing or mis-shaped key that does not fit is reported in one CheckpointMismatchError."""
-    from vqlc_jax.models.vqgan import build_vqgan
-    from vqlc_jax.tokenizer import Tokenizer, _dummy_images
+    from vqlc_jax.models.build import build_model, dummy_images
 
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     state_dict = read_state_dict(source)
@@ -149,7 +149,7 @@ def load_official_fqgan(source, config: Mapping[str, Any] | None = None, *, adap
     if wanted != found:
         problems.append(f"{name}: the checkpoint has {len(found)} sub-codebooks {found}, the config {len(wanted)} "
                         f"{wanted}")
-    template = jax.eval_shape(build_vqgan(config).init, jax.random.key(0), _dummy_images(config))
+    template = jax.eval_shape(build_model(config).init, jax.random.key(0), dummy_images(config))
     levels = len(config["ddconfig"]["ch_mult"])
     try:
         variables = map_state_dict(_split_in_proj(state_dict), template, key_to_path=_key_to_path(levels),
@@ -158,4 +158,4 @@ def load_official_fqgan(source, config: Mapping[str, Any] | None = None, *, adap
         raise CheckpointMismatchError("\n".join([*problems, str(err)])) from None
     if problems:
         raise CheckpointMismatchError("\n".join(problems))
-    return Tokenizer(config, variables)
+    return config, variables

@@ -1,7 +1,7 @@
 """Generators over tokenizer outputs: sampling, official checkpoints, the families the generator trainer trains.
 
-`load_official(kind, source, **options) -> (model, variables)` reads a released generator checkpoint; each kind's
-loader is imported only when asked for.
+`load_official(kind, source, **options)` reads a released checkpoint: `(model, variables)` of a generator or the ViT,
+a `Tokenizer` for "fqgan"; each kind's loader is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ OFFICIAL_LOADERS: dict[str, str | None] = {
     "dit": "vqlc_jax.convert.official_dit:load_official_dit",
     "sit": "vqlc_jax.convert.official_dit:load_official_sit",
     "ldm": "vqlc_jax.convert.official_ldm:load_official_ldm",
-    "fqgan": "vqlc_jax.convert.official_fqgan:load_official_fqgan",
+    "fqgan": "vqlc_jax.tokenizer:from_official_fqgan",
     "far": "vqlc_jax.convert.official_far:load_official_far",
     "vit": "vqlc_jax.convert.mae_weights:load_official_vit",
 }

@@ -410,12 +410,29 @@ def evaluate_generator(generator: Any, config: Any, output: str | pathlib.Path, 
              "samples_per_class": config.samples_per_class, "num_classes": num_classes}
     report = write_generation_report(result, output, name=name or generator.config.generator, extra=extra)
     if jax.process_index() == 0:
-        from vqlc_jax.train.generator import save_sample_grid
-
         grid_labels = labels[np.argsort(labels, kind="stable")][:64]
         images = generator.generate(jax.random.key(config.seed), grid_labels, **options)
         save_sample_grid(images, grid_labels, 8, output / "samples.png")
     return report
+
+
+def save_sample_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: pathlib.Path) -> np.ndarray:
+    """Writes samples in [-1, 1] as a PNG, `per_row` per row, enlarged to at least 64 px, each row under a caption
+    of its class; returns the grid (uint8 HWC)."""
+    from PIL import Image
+
+    from vqlc_jax.evaluate import enlarge, with_caption
+
+    images = enlarge(((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).round().astype(np.uint8))
+    rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
+    width = per_row * images.shape[2]
+    grid = np.concatenate([
+        with_caption(np.pad(np.concatenate(list(row), axis=1), ((0, 0), (0, width - len(row) * images.shape[2]),
+                                                                (0, 0)), constant_values=255),
+                     f"class {int(labels[r * per_row])}")
+        for r, row in enumerate(rows)])
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 def cli() -> None:

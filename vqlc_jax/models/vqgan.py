@@ -1,8 +1,8 @@
 """The VQGAN autoencoder: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (NHWC).
 
 `build_vqgan(model_config)` makes one from a config with the official `ddconfig` keys, `embed_dim` (D') and a
-`quantizer` block whose `name` picks the quantizer from the registry (`lc`, `vq`, `fc`, `ema`, `l2vq`); `fq` (FQGAN's
-factorized quantization) builds a `vqlc_jax.models.fqgan.FQModel` instead.
+`quantizer` block whose `name` picks the quantizer from the registry (`lc`, `vq`, `fc`, `ema`, `l2vq`); for `fq`
+(FQGAN's factorized quantization) `vqlc_jax.models.build.build_model` makes a `vqlc_jax.models.fqgan.FQModel`.
 """
 
 from __future__ import annotations
@@ -89,15 +89,19 @@ def _split_ddconfig(ddconfig: Mapping[str, Any]) -> tuple[dict, dict]:
     return pick(Encoder), pick(Decoder)
 
 
-def build_vqgan(model_config: Mapping[str, Any]) -> VQModel:
-    """A VQModel from `{'ddconfig': {...}, 'embed_dim': D', 'quantizer': {'name': ..., **options}}`."""
+def check_model_config(model_config: Mapping[str, Any]) -> None:
+    """Raises naming the first of `ddconfig`, `embed_dim`, `quantizer` that the model config lacks."""
     for key in ("ddconfig", "embed_dim", "quantizer"):
         if key not in model_config:
             raise ValueError(f"model config: missing key {key!r}")
-    if dict(model_config["quantizer"]).get("name") == "fq":
-        from vqlc_jax.models.fqgan import build_fqgan  # fqgan builds on this module
 
-        return build_fqgan(model_config)
+
+def build_vqgan(model_config: Mapping[str, Any]) -> VQModel:
+    """A VQModel from `{'ddconfig': {...}, 'embed_dim': D', 'quantizer': {'name': ..., **options}}`."""
+    check_model_config(model_config)
+    if dict(model_config["quantizer"]).get("name") == "fq":
+        raise ValueError("model config: quantizer 'fq' makes an FQModel; build it with "
+                         "vqlc_jax.models.build.build_model")
     enc_kwargs, dec_kwargs = _split_ddconfig(dict(model_config["ddconfig"]))
     options = dict(model_config["quantizer"])
     name = options.pop("name", None)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlc_jax.quantizers.base import Quantizer, uniform_init
-from vqlc_jax.quantizers.sharding import gather_rows, scatter_add_rows
+from vqlc_jax.sharded_ops import gather_rows, scatter_add_rows
 
 Array = jax.Array
 

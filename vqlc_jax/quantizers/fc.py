@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlc_jax.quantizers.base import Quantizer
-from vqlc_jax.quantizers.sharding import gather_rows
+from vqlc_jax.sharded_ops import gather_rows
 
 Array = jax.Array
 

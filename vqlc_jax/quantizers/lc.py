@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlc_jax.quantizers.base import Quantizer, uniform_init
-from vqlc_jax.quantizers.sharding import gather_rows
+from vqlc_jax.sharded_ops import gather_rows
 
 Array = jax.Array
 

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vqlc_jax.quantizers.sharding import iota_like, replicate
+from vqlc_jax.sharded_ops import iota_like, replicate
 
 Array = jax.Array
 

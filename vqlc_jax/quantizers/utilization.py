@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vqlc_jax.quantizers.sharding import scatter_add_rows
+from vqlc_jax.sharded_ops import scatter_add_rows
 
 Array = jax.Array
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from vqlc_jax.quantizers.base import Quantizer, uniform_init
-from vqlc_jax.quantizers.sharding import gather_rows
+from vqlc_jax.sharded_ops import gather_rows
 
 Array = jax.Array
 

@@ -74,25 +74,6 @@ def grid_labels(num_classes: int, classes: int, per_class: int) -> np.ndarray:
     return np.repeat(chosen, per_class)
 
 
-def save_sample_grid(images: np.ndarray, labels: np.ndarray, per_row: int, path: pathlib.Path) -> np.ndarray:
-    """Writes samples in [-1, 1] as a PNG, `per_row` per row, enlarged to at least 64 px, each row under a caption
-    of its class; returns the grid (uint8 HWC)."""
-    from PIL import Image
-
-    from vqlc_jax.evaluate import enlarge, with_caption
-
-    images = enlarge(((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).round().astype(np.uint8))
-    rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
-    width = per_row * images.shape[2]
-    grid = np.concatenate([
-        with_caption(np.pad(np.concatenate(list(row), axis=1), ((0, 0), (0, width - len(row) * images.shape[2]),
-                                                                (0, 0)), constant_values=255),
-                     f"class {int(labels[r * per_row])}")
-        for r, row in enumerate(rows)])
-    Image.fromarray(grid).save(path)
-    return grid
-
-
 class GeneratorTask(loop.Task):
     """A generator family on the shared loop."""
 
@@ -168,7 +149,8 @@ class GeneratorTask(loop.Task):
         if tokenizer is not None:  # every process decodes (one program over the mesh); process 0 writes
             images = self.family.decode(tokenizer, samples)
             if jax.process_index() == 0:
-                grid = save_sample_grid(images, labels, c.sample.grid_per_class, workdir / f"samples_{step:07d}.png")
+                grid = gen_eval.save_sample_grid(images, labels, c.sample.grid_per_class,
+                                                 workdir / f"samples_{step:07d}.png")
                 writer.write_images(step, {"samples": grid[None]})
         if tokenizer is None:
             return {}

@@ -21,7 +21,7 @@ from absl import logging
 from vqlc_jax import parallel
 from vqlc_jax.models.discriminator import NLayerDiscriminator
 from vqlc_jax.models.lpips import LPIPS
-from vqlc_jax.models.vqgan import build_vqgan
+from vqlc_jax.models.build import build_model
 from vqlc_jax.train import config as config_lib
 from vqlc_jax.train import loop
 from vqlc_jax.train.loop import NonFiniteLossError  # noqa: F401  (re-exported)
@@ -137,7 +137,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     config_lib.validate(config)
     mesh = parallel.make_mesh(config.mesh.model_axis)
     parallel.check_batch_size(config.global_batch_size, mesh)
-    model = build_vqgan(config.model)
+    model = build_model(config.model)
     disc = NLayerDiscriminator(n_layers=config.loss.disc_layers, ndf=config.loss.disc_ndf)
     lpips_apply, lpips_vars = load_lpips(config.loss)
     teachers, teacher_vars = load_teachers(config, model)
