@@ -378,3 +378,18 @@ def test_lc_matches_the_official_release(fixtures_dir):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(idx).reshape(idx.shape[0], -1), fixture["indices"])
     np.testing.assert_allclose(aux["quant_loss"], fixture["quant_loss"], rtol=1e-4)
+
+
+def test_sub_codebook_helpers_lay_codebooks_end_to_end():
+    from vqlc_jax.quantizers.utilization import joint_ids, out_of_range, split_counts
+
+    tokens = np.array([[[0, 2], [1, 0], [4, 3]]])  # [B=1, k=3, 2] with sizes (3, 2, 5)
+    sizes = (3, 2, 5)
+    np.testing.assert_array_equal(joint_ids(tokens, sizes), [[[0, 2], [4, 3], [9, 8]]])
+    np.testing.assert_array_equal(joint_ids(jnp.asarray(tokens), sizes), [[[0, 2], [4, 3], [9, 8]]])
+    np.testing.assert_array_equal(joint_ids(tokens[:, 0], (3,)), tokens[:, 0])
+    parts = split_counts(np.arange(10), sizes)
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9]]
+    assert out_of_range(tokens, sizes) is None
+    assert out_of_range(tokens, (3, 1, 5)) == (1, 0, 1)
+    assert out_of_range(tokens[:, 2], (4,)) == (0, 3, 4)

@@ -27,6 +27,7 @@ import numpy as np
 
 from vqlc_jax import metrics, parallel
 from vqlc_jax.models.vqgan import VQModel
+from vqlc_jax.quantizers.utilization import joint_ids, split_counts
 
 GRID_IMAGES = 8
 CONVENTIONS = {
@@ -69,8 +70,7 @@ def _batch_fn(model: VQModel, sizes: tuple[int, ...], lpips: Model | None, fid: 
             per_image["lpips"] = lpips[0](lpips_vars, images, 2 * r - 1)
         sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
         sums["quant_loss"] = aux["quant_loss"] * jnp.sum(mask)
-        if len(sizes) > 1:
-            indices = indices + jnp.asarray(np.cumsum((0, *sizes[:-1])), indices.dtype)[:, None, None]
+        indices = joint_ids(indices, sizes)
         token_weights = jnp.broadcast_to(mask.reshape(-1, *(1,) * (indices.ndim - 1)), indices.shape).reshape(-1)
         counts = jnp.bincount(indices.reshape(-1), weights=token_weights, length=sum(sizes))
         features = (fid[0](fid_vars, x), fid[0](fid_vars, r)) if fid is not None else None
@@ -127,7 +127,7 @@ def evaluate_tokenizer(model: VQModel, variables: Any, data: ml_collections.Conf
     scalars.update(utilization=float(metrics.utilization(counts)), perplexity=float(metrics.perplexity(counts)),
                    num_images=float(n))
     if len(sizes) > 1:
-        for name, part in zip(codebook_names or map(str, range(len(sizes))), np.split(counts, np.cumsum(sizes)[:-1])):
+        for name, part in zip(codebook_names or map(str, range(len(sizes))), split_counts(counts, sizes)):
             scalars[f"utilization_{name}"] = float(metrics.utilization(part))
             scalars[f"perplexity_{name}"] = float(metrics.perplexity(part))
     if stats:

@@ -25,6 +25,7 @@ from vqlc_jax import export
 from vqlc_jax.models.build import build_model, dummy_images
 from vqlc_jax.models.vqgan import VQModel
 from vqlc_jax.quantizers import FQQuantizer
+from vqlc_jax.quantizers.utilization import out_of_range
 
 CONFIG_FILE = "tokenizer.json"
 VARIABLES_DIR = "variables"
@@ -231,12 +232,11 @@ class Tokenizer:
         if not np.issubdtype(dtype, np.integer):
             raise ValueError(f"indices: expected integers, got dtype {dtype}")
         indices = jnp.asarray(indices, jnp.int32)
-        per_codebook = indices.reshape(shape[0], k, -1) if self.is_factorized else indices.reshape(shape[0], 1, -1)
-        for i, size in enumerate(self.codebook_sizes):
-            lo, hi = int(per_codebook[:, i].min()), int(per_codebook[:, i].max())
-            if lo < 0 or hi >= size:
-                where = f" of sub-codebook {i} ({self.codebook_names[i]})" if self.is_factorized else ""
-                raise ValueError(f"indices: values{where} span [{lo}, {hi}], outside [0, {size - 1}]")
+        bad = out_of_range(indices, self.codebook_sizes)
+        if bad is not None:
+            i, lo, hi = bad
+            where = f" of sub-codebook {i} ({self.codebook_names[i]})" if self.is_factorized else ""
+            raise ValueError(f"indices: values{where} span [{lo}, {hi}], outside [0, {self.codebook_sizes[i] - 1}]")
         return indices
 
 

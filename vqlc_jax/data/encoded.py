@@ -26,6 +26,7 @@ import numpy as np
 
 from vqlc_jax.data import shards as shards_lib
 from vqlc_jax.data.pipeline import BatchOrder
+from vqlc_jax.quantizers.utilization import out_of_range
 
 FORMAT = 1
 LATENT_DTYPE = "float16"
@@ -167,14 +168,13 @@ def _codebook_sizes(directory: pathlib.Path, manifest: dict) -> tuple[int, ...]:
 def _check_token_range(path: pathlib.Path, tokens: np.ndarray, sizes: tuple[int, ...]) -> None:
     """Every token of sub-codebook j (axis 1 of [n, k, h, w] shards; the whole [n, h, w] shard for one) in
     [0, sizes[j])."""
-    for j, size in enumerate(sizes):
-        part = tokens if len(sizes) == 1 else tokens[:, j]
-        lo, hi = int(part.min()), int(part.max())
-        if lo < 0 or hi >= size:
-            which = "" if len(sizes) == 1 else f" of sub-codebook {j + 1} of {len(sizes)}"
-            raise ValueError(f"token shard {path} holds the index {lo if lo < 0 else hi}{which}, outside [0, {size}) "
-                             "(the encoding tokenizer's codebook size): the shard is corrupt or was written by "
-                             "another tokenizer")
+    bad = out_of_range(tokens, sizes)
+    if bad is not None:
+        j, lo, hi = bad
+        which = "" if len(sizes) == 1 else f" of sub-codebook {j + 1} of {len(sizes)}"
+        raise ValueError(f"token shard {path} holds the index {lo if lo < 0 else hi}{which}, outside [0, {sizes[j]}) "
+                         "(the encoding tokenizer's codebook size): the shard is corrupt or was written by another "
+                         "tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)

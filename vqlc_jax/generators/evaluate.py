@@ -34,7 +34,8 @@ from vqlc_jax import metrics, parallel
 from vqlc_jax.convert.inception_weights import has_logits
 from vqlc_jax.evaluate import concat_over_processes, merge_over_processes, sum_over_processes
 from vqlc_jax.models.inception import FEATURE_DIM, LOGITS_DIM, resize_clean
-from vqlc_jax.quantizers.utilization import code_counts, perplexity, utilization
+from vqlc_jax.quantizers.utilization import (
+    code_counts, joint_ids, out_of_range, perplexity, split_counts, utilization)
 
 RESIZES = {
     "clean": "clean-fid: PIL bicubic with antialiasing to 299x299, per channel as float images (mode F)",
@@ -110,16 +111,15 @@ def codebook_sizes(num_codes: int | Sequence[int] | None) -> tuple[int, ...]:
 def _joint_ids(batch: int, tokens: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
     """Token maps ([B, h, w], or [B, k, h, w] for k sub-codebooks) as ids into the k codebooks laid end to end;
     raises naming the batch (and the sub-codebook) when a value is outside its codebook."""
-    parts = [tokens] if len(sizes) == 1 else [tokens[:, j] for j in range(len(sizes))]
     if len(sizes) > 1 and (tokens.ndim < 2 or tokens.shape[1] != len(sizes)):
         raise ValueError(f"batch {batch}: token maps {tokens.shape}, expected [B, {len(sizes)}, h, w]")
-    for j, (part, size) in enumerate(zip(parts, sizes)):
-        if part.size and (part.min() < 0 or part.max() >= size):
-            which = "" if len(sizes) == 1 else f" of sub-codebook {j + 1}"
-            raise ValueError(f"batch {batch}: token values{which} span [{part.min()}, {part.max()}], outside the "
-                             f"codebook [0, {size})")
-    return np.stack([part + offset for part, offset in zip(parts, np.cumsum((0,) + sizes[:-1]))], 1) \
-        if len(sizes) > 1 else tokens
+    bad = out_of_range(tokens, sizes)
+    if bad is not None:
+        j, lo, hi = bad
+        which = "" if len(sizes) == 1 else f" of sub-codebook {j + 1}"
+        raise ValueError(f"batch {batch}: token values{which} span [{lo}, {hi}], outside the codebook "
+                         f"[0, {sizes[j]})")
+    return joint_ids(tokens, sizes)
 
 
 def _stream(batches: Iterable[Batch], *, fid: tuple[Any, Any] | None, resize: str, mesh: jax.sharding.Mesh | None,
@@ -252,7 +252,7 @@ def evaluate_generated(batches: Iterable[Batch], *, fid: tuple[Any, Any] | metri
         sizes = codebook_sizes(num_codes)
         if len(sizes) == 1:
             scalars["perplexity"] = float(perplexity(counts))
-        for j, part in enumerate(np.split(counts, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else ()):
+        for j, part in enumerate(split_counts(counts, sizes) if len(sizes) > 1 else ()):
             scalars[f"utilization_{j + 1}"] = float(utilization(part))
             scalars[f"perplexity_{j + 1}"] = float(perplexity(part))
     return GenerationResult(scalars, unavailable, counts, resize, reference.description if reference else "")

@@ -7,9 +7,11 @@ batch sharded across devices, the counts are already the sum over all devices.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqlc_jax.sharded_ops import scatter_add_rows
 
@@ -37,3 +39,31 @@ def perplexity(counts: Array) -> Array:
     p = counts / jnp.maximum(jnp.sum(counts), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return jnp.exp(entropy)
+
+
+# ----------------------------------------------------------------------------------- k sub-codebooks (FQGAN)
+# Tokens of a factorized tokenizer are [B, k, ...]; their counts lie end to end, sub-codebook 0 first.
+def joint_ids(tokens, sizes: Sequence[int]):
+    """Tokens [B, k, ...] of k sub-codebooks of `sizes` -> ids into the k codebooks laid end to end (numpy or jax,
+    as given); with one codebook (or none named) the tokens [B, ...] unchanged."""
+    if len(sizes) <= 1:
+        return tokens
+    offsets = np.cumsum((0, *sizes[:-1])).reshape(1, -1, *(1,) * (tokens.ndim - 2))
+    return tokens + offsets.astype(tokens.dtype)
+
+
+def split_counts(counts, sizes: Sequence[int]) -> list:
+    """Counts of the codebooks laid end to end -> one array per sub-codebook."""
+    return np.split(np.asarray(counts), np.cumsum(sizes)[:-1])
+
+
+def out_of_range(tokens, sizes: Sequence[int]) -> tuple[int, int, int] | None:
+    """(sub-codebook j, min, max) of the first sub-codebook whose tokens leave [0, sizes[j]), else None. Tokens
+    [B, k, ...] for k > 1 sub-codebooks, [B, ...] for one."""
+    for j, size in enumerate(sizes):
+        part = tokens if len(sizes) == 1 else tokens[:, j]
+        if part.size:
+            lo, hi = int(part.min()), int(part.max())
+            if lo < 0 or hi >= size:
+                return j, lo, hi
+    return None

@@ -25,6 +25,7 @@ import optax
 from vqlc_jax import losses
 from vqlc_jax.models.teachers import Teacher
 from vqlc_jax.models.vqgan import VQModel
+from vqlc_jax.quantizers.utilization import joint_ids
 
 Array = jax.Array
 PyTree = Any
@@ -104,10 +105,7 @@ def _loss_weights(cfg: LossConfig, terms: dict) -> dict:
 
 def _code_counts(fns: StepFns, indices: Array, num_codes: int) -> Array:
     """Usage of each code in `indices`; a factorized model's [B, k, ...] tokens count per sub-codebook, in turn."""
-    if fns.codebook_sizes:
-        offsets = jnp.cumsum(jnp.asarray((0, *fns.codebook_sizes[:-1]), indices.dtype))
-        indices = indices + offsets.reshape(1, -1, *(1,) * (indices.ndim - 2))
-    return jnp.bincount(indices.reshape(-1), length=num_codes).astype(jnp.int32)
+    return jnp.bincount(joint_ids(indices, fns.codebook_sizes).reshape(-1), length=num_codes).astype(jnp.int32)
 
 
 def train_step(fns: StepFns, state: TrainState, images: Array, lpips_vars: PyTree, *, use_gan: bool,
